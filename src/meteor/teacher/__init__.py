@@ -1,0 +1,1 @@
+"""Teacher and judge: one interface (:class:`~meteor.teacher.base.Teacher`), three backends."""

@@ -1,0 +1,88 @@
+"""The teacher/judge interface every stage talks to.
+
+Stages hand over whole lists (so backends can batch or fan out concurrently) and get back one
+:class:`TeacherResult` per item, in order. A failed item is a result with ``ok=False`` and the
+reason, never an exception that kills the stage.
+
+Question records are the scrape rows: ``{"id", "category", "title", "question", "answer", ...}``;
+``answer`` is the accepted Stack Overflow answer, used only by the offline backend as reference.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+CRITERIA = ("accuracy", "completeness", "relevance", "coherence", "reliability")
+
+
+class Verdict(BaseModel):
+    """The teacher's structured judgement of a student answer (refine)."""
+
+    correct: bool
+    feedback: str = Field(description="What is wrong or missing, addressed to the student.")
+    hints: list[str] = Field(default_factory=list, description="Concrete pointers to fix it.")
+
+
+class CriterionScore(BaseModel):
+    score: int = Field(ge=1, le=10)
+    justification: str
+
+
+class Scores(BaseModel):
+    """Judge scores, 1-10 per criterion, each with a justification."""
+
+    scores: dict[str, CriterionScore]
+
+
+@dataclass
+class TeacherResult:
+    ok: bool
+    text: str | None = None  # raw answer text (or raw JSON for structured calls)
+    parsed: Any = None  # Verdict / Scores for structured calls
+    error: str | None = None  # why it failed, when ok is False
+    cached: bool = False
+    usage: dict[str, int] = field(default_factory=dict)  # prompt_tokens, completion_tokens
+
+
+@dataclass
+class TeacherStats:
+    """Per-stage accounting written into the stage's metrics."""
+
+    calls: int = 0  # requests actually sent (retries included)
+    cache_hits: int = 0
+    failures: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["cost_usd"] = round(d["cost_usd"], 6)
+        return d
+
+
+class Teacher(ABC):
+    """Answer questions, judge student answers, score answers. All methods take lists."""
+
+    name: str  # "<backend>:<model>", recorded in outputs
+    stats: TeacherStats
+
+    @abstractmethod
+    def answer(self, questions: list[dict], guidelines: list[str | None]) -> list[TeacherResult]:
+        """Detailed answer per question, following its guideline when one is given."""
+
+    @abstractmethod
+    def verdict(self, questions: list[dict], answers: list[str]) -> list[TeacherResult]:
+        """A :class:`Verdict` per (question, student answer)."""
+
+    @abstractmethod
+    def score(self, questions: list[dict], answers: list[str],
+              criteria: tuple[str, ...] = CRITERIA) -> list[TeacherResult]:
+        """:class:`Scores` per (question, answer) on ``criteria``."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release clients, pools, caches."""

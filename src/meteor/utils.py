@@ -1,0 +1,29 @@
+"""Small helpers every stage uses: logging set-up and seeding."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def setup_logging(level: str | int = "INFO") -> None:
+    logging.basicConfig(
+        level=os.environ.get("METEOR_LOG_LEVEL", level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # httpx logs every request URL at INFO; keep stage logs readable.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch so CPU runs are bit-for-bit repeatable."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+    torch.use_deterministic_algorithms(True, warn_only=True)
