@@ -16,8 +16,9 @@ def setup_logging(level: str | int = "INFO") -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    # httpx logs every request URL at INFO; keep stage logs readable.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # The HTTP clients log every request URL at INFO; keep stage logs readable.
+    for name in ("httpx", "httpx2", "openai"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def seed_everything(seed: int) -> None:
