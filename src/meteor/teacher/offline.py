@@ -5,9 +5,10 @@ lets the whole pipeline run with no network and no keys (CI, a fresh laptop) by 
 accepted Stack Overflow answer that every question record carries (``question["answer"]``):
 
 - ``answer``: the reference answer itself. Given a guideline with numbered points, the reference's
-  paragraphs (each with the code blocks that follow it) are regrouped under the guideline's points
-  by word overlap, after a short "approach" preface listing the points; points the reference does
-  not address are named at the end instead of being filled with invented text. Without a
+  paragraphs (each with the code blocks and lists that follow it) are regrouped under the
+  guideline's points by word overlap, after a short "approach" preface listing the points; a
+  closing summary stays last; points the reference does not address are named at the end instead
+  of being filled with invented text. Without a
   guideline (or one without numbered points) the reference is returned unchanged.
 - ``verdict``: overlap with the reference. *Key terms* are the reference's most specific words and
   code identifiers, ranked by a tf-idf-like weight computed over the reference's own sentences
@@ -17,6 +18,11 @@ accepted Stack Overflow answer that every question record carries (``question["a
   least :data:`MIN_COMBINED`; the hints name the missing key terms.
 - ``score``: each criterion from one reference-based measure, mapped linearly onto 1-10, with a
   justification naming the measure (see :func:`criterion_measures`).
+
+Because the judge measures agreement with the reference, it cannot reward organisation: in the
+distill ablation, a guideline-shaped answer (the same content plus headings, reordered) scores a
+little *below* the bare reference (about 9.4 vs 10.0 on the bundled corpus with a generic
+five-point guideline). Only a model judge can measure what a guideline adds.
 
 Everything is computed from the texts alone: the same inputs always give the same outputs, and a
 result never depends on the other items of the batch. There is no cache (``cache_hits`` stays 0)
@@ -380,8 +386,9 @@ def shape_by_guideline(reference: str, guideline: str | None) -> str:
         return reference.strip()
 
     # A closing summary stays last instead of being filed under one of the points.
-    conclusion = [u for u in units[1:] if _CONCLUSION.match(u)]
-    units = [u for u in units if u not in conclusion]
+    closing = [k for k, u in enumerate(units) if k > 0 and _CONCLUSION.match(u)]
+    conclusion = [units[k] for k in closing]
+    units = [u for k, u in enumerate(units) if k not in closing]
 
     # Shared words weigh 1 / (paragraphs containing them): a word found in every paragraph
     # ("model") says nothing about where a paragraph belongs; a rare one ("pitfall") does.

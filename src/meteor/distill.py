@@ -1,0 +1,177 @@
+"""METEOR 1b: the teacher answers each train question following the student's guideline.
+
+- :func:`distill_inputs` joins each guideline row back to its train question by ``id`` (the
+  question record carries the reference answer the offline teacher needs) and decides what the
+  teacher is given: the guideline, or ``None`` when it is degenerate (see :mod:`meteor.guideline`).
+- :func:`distill_rows` asks the teacher and returns one row per question, in question order; a
+  failed call is a row with ``ok=False`` and the reason (``"budget"``, ``"HTTP 500 after 6
+  attempts"``), never a missing row.
+- :func:`guideline_ablation` (the paper's data-quality check): on the first ``ablation_size``
+  questions, also distill *without* the guideline and have the judge score both answer sets
+  1-10 on the five criteria. The train split is ordered by id and drawn by a hash of the id, so
+  its head is a deterministic sample that does not depend on the limit or on later data.
+  Means are over the questions whose two answers were both scored (a paired comparison).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from meteor.teacher.base import CRITERIA, Scores, Teacher, TeacherResult
+from meteor.teacher.chat import BUDGET
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistillInput:
+    question: dict  # the train record: id, category, title, question, answer (reference), ...
+    guideline: str | None  # what the teacher is given: None when the guideline is degenerate
+    degenerate: str | None  # why the student's guideline was not used, if it was not
+
+
+def distill_inputs(guideline_rows: Sequence[dict], train_rows: Sequence[dict],
+                   limit: int | None = None) -> list[DistillInput]:
+    """Guideline rows (in their order, the first ``limit``) joined to their train questions by id."""
+    by_id: dict = {}
+    for i, row in enumerate(train_rows):
+        if "id" not in row:
+            raise ValueError(f"train row {i} has no 'id'")
+        if row["id"] in by_id:
+            raise ValueError(f"train split has duplicate question id {row['id']!r}")
+        by_id[row["id"]] = row
+    rows = list(guideline_rows)[:limit]
+    unknown = [r.get("id") for r in rows if r.get("id") not in by_id]
+    if unknown:
+        raise ValueError(f"{len(unknown)} guideline row(s) name question ids that are not in the "
+                         f"train split (e.g. {unknown[:5]}): guidelines and train split are out of "
+                         "date with each other; re-run the guideline stage")
+    inputs = []
+    for row in rows:
+        text = row.get("guideline")
+        reason = row.get("degenerate")
+        if reason is None and not (isinstance(text, str) and text.strip()):
+            reason = "empty"  # guard against hand-edited or older guideline files
+        inputs.append(DistillInput(by_id[row["id"]], None if reason else text, reason))
+    return inputs
+
+
+def distilled_row(item: DistillInput, result: TeacherResult, teacher_name: str) -> dict:
+    q = item.question
+    return {
+        "id": q["id"], "category": q.get("category"), "title": q["title"], "question": q["question"],
+        "guideline": item.guideline, "guideline_degenerate": item.degenerate,
+        "answer": result.text if result.ok else None, "ok": result.ok,
+        "error": None if result.ok else result.error, "teacher": teacher_name,
+        "usage": dict(result.usage),
+    }
+
+
+def distill_rows(teacher: Teacher, inputs: Sequence[DistillInput]) -> list[dict]:
+    """One distilled row per input, in order (failed calls included, with their reason)."""
+    results = teacher.answer([i.question for i in inputs], [i.guideline for i in inputs])
+    return [distilled_row(i, r, teacher.name) for i, r in zip(inputs, results)]
+
+
+# ------------------------------------------------------------------------------------ ablation
+@dataclass
+class Ablation:
+    quality: dict
+    budget_stopped: bool = False
+    failures: Counter = field(default_factory=Counter)  # "teacher: <reason>", "judge: <reason>"
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(statistics.fmean(values), 3) if values else None
+
+
+def _reason(error: str | None) -> str:
+    return (error or "unknown").split(":")[0]
+
+
+def guideline_ablation(teacher: Teacher, judge: Teacher, inputs: Sequence[DistillInput],
+                       with_rows: Sequence[dict], size: int,
+                       criteria: tuple[str, ...] = CRITERIA) -> Ablation:
+    """Judge scores of answers distilled with vs without the guideline, on the first ``size``."""
+    sample = list(inputs[:size])
+    rows = list(with_rows[:size])
+    questions = [i.question for i in sample]
+    failures: Counter = Counter()
+
+    # Questions whose guideline was degenerate were already answered without one: reuse that.
+    need = [k for k, i in enumerate(sample) if i.guideline is not None]
+    fresh = teacher.answer([questions[k] for k in need], [None] * len(need)) if need else []
+    without: list[str | None] = [r["answer"] for r in rows]
+    for k, result in zip(need, fresh):
+        without[k] = result.text if result.ok else None
+        if not result.ok:
+            failures[f"teacher: {_reason(result.error)}"] += 1
+    budget_stopped = any(r.error == BUDGET for r in fresh)
+
+    def judged(answers: list[str | None]) -> list[Scores | None]:
+        ready = [k for k, a in enumerate(answers) if a is not None]
+        results = judge.score([questions[k] for k in ready], [answers[k] for k in ready], criteria)
+        out: list[Scores | None] = [None] * len(answers)
+        nonlocal budget_stopped
+        for k, r in zip(ready, results):
+            if r.ok:
+                out[k] = r.parsed
+            else:
+                failures[f"judge: {_reason(r.error)}"] += 1
+                budget_stopped |= r.error == BUDGET
+        return out
+
+    with_scores = judged([r["answer"] for r in rows])
+    without_scores = judged(without)
+    paired = [(w, wo) for w, wo in zip(with_scores, without_scores) if w is not None and wo is not None]
+
+    def overall(s: Scores) -> float:
+        return statistics.fmean(s.scores[c].score for c in criteria)
+
+    with_mean = _mean([overall(w) for w, _ in paired])
+    without_mean = _mean([overall(wo) for _, wo in paired])
+    quality = {
+        "with_guideline": with_mean,
+        "without_guideline": without_mean,
+        "gain": (round(with_mean - without_mean, 3)
+                 if with_mean is not None and without_mean is not None else None),
+        "per_criterion": {
+            "with_guideline": {c: _mean([w.scores[c].score for w, _ in paired]) for c in criteria},
+            "without_guideline": {c: _mean([wo.scores[c].score for _, wo in paired]) for c in criteria},
+        },
+        "n": len(paired),  # questions whose two answers were both scored
+        "sample": len(sample),
+        "with_guideline_used": len(need),  # the rest had a degenerate guideline: both sets agree
+    }
+    if failures:
+        log.warning("ablation: %d item(s) could not be compared (%s)", sum(failures.values()),
+                    dict(failures))
+    return Ablation(quality=quality, budget_stopped=budget_stopped, failures=failures)
+
+
+# ------------------------------------------------------------------------------------- metrics
+def teacher_metrics(teacher: Teacher) -> dict:
+    stats = teacher.stats.as_dict()
+    return {"name": teacher.name, **stats,
+            "tokens": stats["prompt_tokens"] + stats["completion_tokens"]}
+
+
+def distill_metrics(rows: Sequence[dict], ablation: Ablation, teacher: Teacher, judge: Teacher,
+                    seconds: float) -> dict:
+    failed = Counter(_reason(r["error"]) for r in rows if not r["ok"])
+    return {
+        "rows": len(rows),
+        "failed": sum(failed.values()),
+        "failed_by_reason": dict(sorted(failed.items())),
+        "without_guideline_rows": sum(r["guideline"] is None for r in rows),
+        "quality": ablation.quality,
+        "ablation_failures": dict(sorted(ablation.failures.items())),
+        "teacher": teacher_metrics(teacher),
+        "judge": teacher_metrics(judge),
+        "budget_stopped": any(r["error"] == BUDGET for r in rows) or ablation.budget_stopped,
+        "seconds": round(seconds, 1),
+    }

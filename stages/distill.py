@@ -1,0 +1,78 @@
+"""Stage distill (METEOR 1b): the teacher answers each train question following its guideline.
+
+Reads data/guidelines.jsonl (the first ``distill.limit`` rows when set) and joins each row to its
+question in data/scraped/train.jsonl by id. The teacher (params ``teacher``: offline by default,
+or an OpenAI-compatible endpoint, or a local HF model) gets field, guideline, title and body; a
+degenerate guideline is replaced by none. Ablation: the first ``distill.ablation_size`` questions
+are also distilled without the guideline and the judge (params ``judge``) scores both sets 1-10.
+Writes data/distilled.jsonl ({id, category, title, question, guideline, guideline_degenerate,
+answer, ok, error, teacher, usage}; every question has a row, failed calls have ok=false and the
+reason) and metrics/distill.json (quality with vs without guideline, teacher and judge calls,
+cache hits, tokens, cost, failures).
+
+Exit status: non-zero after writing both files when a budget (``teacher.budget_usd`` or
+``judge.budget_usd``) stopped the stage, or when every call failed, so DVC does not record an
+incomplete run as done. Finished calls are in the teacher cache: re-running resumes, paying only
+for what is missing.
+
+Run alone:  python stages/distill.py        (or: dvc repro distill)
+API key:    OPENAI_API_KEY from the environment only (backend openai); never written anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+from meteor.distill import distill_inputs, distill_metrics, distill_rows, guideline_ablation
+from meteor.io import read_jsonl, write_json, write_jsonl
+from meteor.params import load_params
+from meteor.teacher import make_teacher
+from meteor.utils import setup_logging
+
+GUIDELINES = Path("data/guidelines.jsonl")
+TRAIN = Path("data/scraped/train.jsonl")
+OUT = Path("data/distilled.jsonl")
+METRICS = Path("metrics/distill.json")
+EXIT_INCOMPLETE = 3
+log = logging.getLogger("distill")
+
+
+def main() -> int:
+    setup_logging()
+    start = time.perf_counter()
+    params = load_params()
+    inputs = distill_inputs(read_jsonl(GUIDELINES), read_jsonl(TRAIN), limit=params.distill.limit)
+    teacher = make_teacher(params.teacher)
+    try:
+        judge = make_teacher(params.judge, section="judge")
+        try:
+            rows = distill_rows(teacher, inputs)
+            ablation = guideline_ablation(teacher, judge, inputs, rows, params.distill.ablation_size)
+            metrics = distill_metrics(rows, ablation, teacher, judge, time.perf_counter() - start)
+        finally:
+            judge.close()
+    finally:
+        teacher.close()
+
+    write_jsonl(OUT, rows)
+    write_json(METRICS, metrics)
+    quality = metrics["quality"]
+    log.info("%d rows (%d failed) -> %s; judge quality with guideline %s vs without %s (n=%d)",
+             metrics["rows"], metrics["failed"], OUT, quality["with_guideline"],
+             quality["without_guideline"], quality["n"])
+    if metrics["budget_stopped"]:
+        log.error("stopped by the budget: %d rows failed (%s). Raise teacher.budget_usd / "
+                  "judge.budget_usd and re-run; finished calls come from the cache.",
+                  metrics["failed"], metrics["failed_by_reason"])
+        return EXIT_INCOMPLETE
+    if rows and metrics["failed"] == len(rows):
+        log.error("every teacher call failed (%s); nothing was distilled", metrics["failed_by_reason"])
+        return EXIT_INCOMPLETE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Stage guideline (METEOR 1a): the base student writes a numbered answer guideline per question.
+
+Reads models/base and data/scraped/train.jsonl (the first ``guideline.limit`` questions when set).
+The student, prompted as an expert of the question's field, does not answer: it lists what a
+precise answer needs (scope, definitions, steps, pitfalls, resources). Batched, chat-templated
+generation with params ``generation`` (greedy by default) and ``guideline.max_new_tokens``.
+Writes data/guidelines.jsonl ({id, category, title, question, guideline, degenerate}, one row per
+question in question order; a degenerate guideline keeps its row, with the reason) and
+metrics/guideline.json (count, length stats, degenerate by reason, truncated prompts, seconds).
+
+Run alone:  python stages/guideline.py        (or: dvc repro guideline)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from meteor.guideline import write_guidelines
+from meteor.io import read_jsonl, write_json, write_jsonl
+from meteor.params import load_params
+from meteor.student.load import load_student
+from meteor.utils import seed_everything, setup_logging
+
+BASE_DIR = Path("models/base")
+TRAIN = Path("data/scraped/train.jsonl")
+OUT = Path("data/guidelines.jsonl")
+METRICS = Path("metrics/guideline.json")
+log = logging.getLogger("guideline")
+
+
+def main() -> dict:
+    setup_logging()
+    params = load_params()
+    seed_everything(params.generation.seed)
+    questions = read_jsonl(TRAIN)[:params.guideline.limit]  # limit None: every question
+    model, tokenizer = load_student(BASE_DIR, dtype=params.student.dtype,
+                                    trust_remote_code=params.student.trust_remote_code)
+    run = write_guidelines(model, tokenizer, questions, generation=params.generation,
+                           max_new_tokens=params.guideline.max_new_tokens)
+    write_jsonl(OUT, run.rows)
+    metrics = run.metrics(params.guideline.max_new_tokens)
+    write_json(METRICS, metrics)
+    log.info("%d guidelines (%d usable) -> %s", metrics["count"], metrics["usable"], OUT)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
