@@ -2,7 +2,8 @@
 
 Reads ``scrape`` from params.yaml: the source (``sample``: the bundled data/raw/Posts.xml,
 ``dump``: a Stack Exchange Posts.xml streamed in constant memory, ``api``: the Stack Exchange API
-with $STACKEXCHANGE_KEY if set), the tag -> category table, min_score and the hash split.
+with $STACKEXCHANGE_KEY if set), the tag -> category table, min_score, workers (processes that
+convert a dump's HTML to Markdown; the output does not depend on it) and the hash split.
 Writes one JSON Lines file per split (sorted by id) and metrics/scrape.json (kept counts per
 category x split, dropped rows by reason).
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import multiprocessing.pool
+import os
 import runpy
 import tracemalloc
 from collections import Counter
@@ -16,7 +18,8 @@ from pydantic import ValidationError
 from meteor.params import ScrapeParams
 from meteor.scrape import run_scrape, split_records
 from meteor.scrape.categories import CategoryTable, parse_tags
-from meteor.scrape.dump import DumpFormatError, scrape_dump
+from meteor.scrape import dump
+from meteor.scrape.dump import DumpFormatError, resolve_workers, scrape_dump
 from meteor.scrape.html import html_to_markdown
 from meteor.scrape.split import assign_split
 
@@ -246,6 +249,58 @@ def test_dump_is_streamed_with_memory_independent_of_file_size(tmp_path):
     # 8x the input: the peak grows only by the few extra kept records, not with the file.
     assert peak_big < big.stat().st_size / 4
     assert peak_big < 1.5 * peak_small + 200_000
+
+
+def varied_pairs_dump(path: Path, n_pairs: int) -> Path:
+    """Kept pairs with code blocks, entities and lists, some answers first, among off-topic rows."""
+    rows = []
+    for i in range(1, n_pairs + 1):
+        qid = 10 * i
+        question = (f"<p>Why does <code>fit_{i}(x)</code> fail &amp; return &lt;{i}&gt;?</p>\n"
+                    f'<pre class="lang-py prettyprint-override"><code>for k in range({i}):\n'
+                    f"    print(&quot;max_len&quot;, k)\n</code></pre>")
+        answer = f"<ul><li>step {i}</li><li>then <em>call</em> <code>x_{i}</code></li></ul>"
+        q = builder.question_row(qid, f"Question {i}", question, ["pytorch"], accepted=qid + 1)
+        a = builder.answer_row(qid + 1, qid, answer)
+        rows += [a, q] if i % 7 == 0 else [q, a]
+        rows.append(builder.question_row(qid + 5, f"Off {i}", "<p>css</p>", ["css"]))
+    return write_dump(path, rows)
+
+
+def test_parallel_conversion_gives_the_same_records_as_serial(tmp_path, monkeypatch):
+    path = varied_pairs_dump(tmp_path / "Posts.xml", 23)
+    monkeypatch.setattr(dump, "CONVERT_CHUNK", 2)  # many chunks: order across chunks matters
+    serial = scrape_dump(path, categories=CATEGORIES, workers=1)
+
+    sent = []
+    apply_async = multiprocessing.pool.Pool.apply_async
+    monkeypatch.setattr(multiprocessing.pool.Pool, "apply_async",
+                        lambda pool, *a, **kw: sent.append(a) or apply_async(pool, *a, **kw))
+    parallel = scrape_dump(path, categories=CATEGORIES, workers=2)
+
+    assert len(sent) == 12  # 23 pairs in chunks of 2 really went through the pool
+    assert len(serial.records) == 23
+    assert "```py\nfor k in range(3):" in serial.records[2]["question"]
+    assert json.dumps(parallel.records) == json.dumps(serial.records)  # same order, same bytes
+    assert parallel.dropped == serial.dropped and parallel.rows_read == serial.rows_read
+
+
+def test_a_few_kept_rows_do_not_start_a_pool(tmp_path, monkeypatch):
+    path = varied_pairs_dump(tmp_path / "Posts.xml", 3)
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a pool was started for fewer pairs than one chunk")
+    monkeypatch.setattr(multiprocessing.pool.Pool, "__init__", no_pool)
+    result = scrape_dump(path, categories=CATEGORIES, workers=4)
+    assert [r["id"] for r in result.records] == [10, 20, 30]
+
+
+def test_workers_zero_means_one_per_cpu_and_negative_is_an_error():
+    assert resolve_workers(3) == 3
+    assert 1 <= resolve_workers(0) <= (os.cpu_count() or 1)
+    with pytest.raises(ValueError, match="workers"):
+        resolve_workers(-1)
+    with pytest.raises(ValidationError, match="workers"):
+        ScrapeParams(workers=-1)
 
 
 def test_not_well_formed_xml_is_one_error_naming_file_and_line(tmp_path):

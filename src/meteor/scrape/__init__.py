@@ -25,7 +25,7 @@ def run_scrape(params: ScrapeParams) -> ScrapeResult:
             key = "sample_path" if params.source == "sample" else "dump_path"
             raise FileNotFoundError(f"scrape.{key}: Stack Exchange dump not found: {path}")
         return scrape_dump(path, categories=params.categories, min_score=params.min_score,
-                           source=params.source)
+                           source=params.source, workers=params.workers)
     if params.source == "api":
         from meteor.scrape.api import StackExchangeClient, scrape_api
 

@@ -15,7 +15,9 @@ without holding everything. Instead:
 So memory is O(kept questions) plus the id bitmap, never O(file): lines are read with a length
 limit and pyexpat is fed bounded batches. Speed: dumps hold one row per line, so a pass recognises
 the rows it does not need from the raw line (pass 1: answers; pass 2: everything except candidates
-and their accepted answers) and never XML-parses them; HTML conversion runs for kept rows only.
+and their accepted answers) and never XML-parses them; HTML conversion runs for kept rows only,
+and with ``workers`` > 1 it runs in a process pool while pass 2 goes on reading (see
+:class:`_RecordMaker`); the records are the same either way.
 
 A row with bad attributes (non-integer Id, missing Body, ...) is skipped and counted; a file that
 is not well-formed XML at all is one error naming the file and line.
@@ -26,7 +28,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from multiprocessing.pool import AsyncResult, Pool
 from pathlib import Path
 from xml.parsers import expat
 from xml.sax.saxutils import unescape as xml_unescape
@@ -48,6 +52,9 @@ _ANSWER = b' PostTypeId="2"'
 _ID = re.compile(rb'\sId="(\d+)"')
 _PARENT_ID = re.compile(rb'\sParentId="(\d+)"')
 _TAGS = b' Tags="'
+# Question/answer pairs per task sent to a conversion worker: ~30 bodies, tens of ms of work, so
+# the pickling round trip is small next to it.
+CONVERT_CHUNK = 16
 
 
 class DumpFormatError(ValueError):
@@ -124,6 +131,82 @@ def _stream(path: Path, on_row: Callable[[dict[str, str]], None], desc: str, chu
                 f"{expat.ErrorString(e.code)}") from None
 
 
+def resolve_workers(workers: int) -> int:
+    """``workers`` as a process count: 0 means one per CPU this process may run on."""
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0 (0 = one per CPU), got {workers}")
+    if workers:
+        return workers
+    if hasattr(os, "sched_getaffinity"):  # honours CPU limits of containers and taskset
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _make_records(pairs: list[dict]) -> list[dict]:
+    """A pool task: the records of a chunk of pairs (``make_record`` keyword arguments)."""
+    return [R.make_record(**pair) for pair in pairs]
+
+
+class _RecordMaker:
+    """Turns question/answer pairs into records, in this process or in a pool of ``workers``.
+
+    With a pool, pairs go out in chunks of ``CONVERT_CHUNK`` pairs and at most two chunks per
+    worker are in flight; when that window is full, the oldest chunk's records are collected
+    before reading on. That bounds the memory of pending work and lets reading and conversion
+    overlap, and records come back in the order of submission. (``Pool.imap`` would pull its
+    input on a feeder thread without any bound, i.e. run the whole pass ahead into memory.) The
+    pool starts with the first full chunk, so an input with few kept rows never pays for it. Use
+    as a context manager: the pool is shut down on the way out, and terminated on an error.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.chunk = CONVERT_CHUNK
+        self.records: list[dict] = []
+        self._pairs: list[dict] = []
+        self._in_flight: deque[AsyncResult] = deque()
+        self._pool: Pool | None = None
+
+    def add(self, **pair) -> None:
+        if self.workers <= 1:
+            self.records.append(R.make_record(**pair))
+            return
+        self._pairs.append(pair)
+        if len(self._pairs) >= self.chunk:
+            self._send()
+
+    def _send(self) -> None:
+        if self._pool is None:
+            log.info("converting HTML to Markdown in %d worker processes", self.workers)
+            self._pool = Pool(self.workers)
+        self._in_flight.append(self._pool.apply_async(_make_records, (self._pairs,)))
+        self._pairs = []
+        if len(self._in_flight) >= 2 * self.workers:
+            self.records += self._in_flight.popleft().get()
+
+    def finish(self) -> list[dict]:
+        """All records, in the order their pairs were added."""
+        if self._pool is None:  # never started: the few pairs are done here
+            self.records += _make_records(self._pairs)
+        elif self._pairs:
+            self._send()
+        self._pairs = []
+        while self._in_flight:
+            self.records += self._in_flight.popleft().get()
+        return self.records
+
+    def __enter__(self) -> _RecordMaker:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if self._pool is not None:
+            if exc_type is None:
+                self._pool.close()  # all results are in; let the workers exit
+            else:
+                self._pool.terminate()
+            self._pool.join()
+
+
 def scrape_dump(
     path: str | os.PathLike,
     *,
@@ -131,9 +214,14 @@ def scrape_dump(
     min_score: int = 0,
     source: str = "dump",
     chunk_size: int = CHUNK_SIZE,
+    workers: int = 1,
 ) -> R.ScrapeResult:
-    """Kept question/accepted-answer records of a ``Posts.xml`` (sorted by id) and drop counts."""
+    """Kept question/accepted-answer records of a ``Posts.xml`` (sorted by id) and drop counts.
+
+    ``workers``: processes converting kept rows' HTML to Markdown (1: this one; 0: one per CPU).
+    """
     path = Path(path)
+    workers = resolve_workers(workers)
     if not path.is_file():
         raise FileNotFoundError(f"Stack Exchange dump not found: {path}")
     table = CategoryTable(categories)
@@ -215,15 +303,17 @@ def scrape_dump(
     waiting_questions: dict[int, dict[str, str]] = {}
     waiting_answers: dict[int, str] = {}  # question id -> accepted answer HTML
 
+    record_maker = _RecordMaker(workers)
+
     def pair(qid: int) -> None:
         if qid in waiting_questions and qid in waiting_answers:
             row = waiting_questions.pop(qid)
             tags = parse_tags(row.get("Tags"))
-            result.records.append(R.make_record(
+            record_maker.add(
                 question_id=qid, category=table.categorize(tags), title=row["Title"],
                 question_html=row["Body"], answer_html=waiting_answers.pop(qid), tags=tags,
                 score=int(row.get("Score", "0")),
-            ))
+            )
 
     def is_needed_answer(aid: int, parent: int) -> bool:
         """Counts orphan and unused answers; True for the accepted answer of a candidate."""
@@ -276,7 +366,9 @@ def scrape_dump(
                 waiting_answers[parent] = row["Body"]
                 pair(parent)
 
-    _stream(path, pass2, f"{path.name} pass 2/2", chunk_size, pass2_skip)
+    with record_maker:
+        _stream(path, pass2, f"{path.name} pass 2/2", chunk_size, pass2_skip)
+        result.records = record_maker.finish()
     # Candidates whose accepted answer never arrived (absent, or dropped above).
     if unanswered := len(waiting_questions) + len(accepted_of):
         dropped[R.NO_USABLE_ANSWER] += unanswered
