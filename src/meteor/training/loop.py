@@ -1,0 +1,271 @@
+"""The one training loop (sft, refine, self_train, merge), on accelerate.
+
+Runs unchanged on one CPU, one GPU, or many GPUs under ``accelerate launch`` (DDP or DeepSpeed
+ZeRO-2, see ``configs/accelerate/`` and ``docs/training.md``):
+
+* AdamW, warmup then linear/cosine decay (``transformers.get_scheduler``), gradient clipping;
+* gradient accumulation over ``grad_accum`` micro-batches, with the loss normalised by the number
+  of answer tokens in the whole accumulation window on all processes, so every answer token
+  weighs the same whatever the padding, batch composition or number of GPUs;
+* bf16 (or fp16) autocast when a GPU is present, fp32 on CPU; an ``accelerate launch`` config
+  that sets ``mixed_precision`` wins;
+* deterministic on CPU for a given ``seed``;
+* per-step loss and learning rate logged with DVCLive by the main process only.
+
+The model is trained in place: pass it through :func:`meteor.training.lora.make_trainable` first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from meteor.params import TrainParams
+from meteor.training.data import (IGNORE_INDEX, ChatExample, EncodedData, PadCollator,
+                                  encode_examples, make_batch_sampler)
+from meteor.utils import seed_everything
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimiser steps taken
+    epochs: int  # passes started over the data
+    loss_history: list[float] = field(default_factory=list)  # mean answer-token loss per step
+    lr_history: list[float] = field(default_factory=list)  # learning rate used at each step
+    tokens_seen: int = 0  # real (non-pad) tokens fed to the model, all processes
+    loss_tokens: int = 0  # answer tokens that carried the loss, all processes
+    seconds: float = 0.0
+    data: dict[str, int] = field(default_factory=dict)  # EncodedData.stats()
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_seen / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.loss_history[-1] if self.loss_history else None
+
+    def metrics(self) -> dict:
+        """A flat summary for ``metrics/*.json``."""
+        return {
+            "final_loss": self.final_loss,
+            "first_loss": self.loss_history[0] if self.loss_history else None,
+            "steps": self.steps,
+            "epochs": self.epochs,
+            "tokens_seen": self.tokens_seen,
+            "loss_tokens": self.loss_tokens,
+            "train_seconds": round(self.seconds, 3),
+            "tokens_per_s": round(self.tokens_per_s, 1),
+            **self.data,
+        }
+
+
+def default_mixed_precision() -> str | None:
+    """bf16 (fp16 on GPUs without it) when a GPU is present, else fp32 ("no").
+
+    None defers to ``accelerate launch`` when its config chose a mode.
+    """
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return None
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def _windows(batches: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    """Group micro-batches into accumulation windows of ``size`` (the last may be shorter)."""
+    window: list[dict] = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def _answer_token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over answer tokens, and how many there were (fp32)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    loss_sum = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
+                               targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss_sum, (targets != IGNORE_INDEX).sum()
+
+
+def _optimizer(model, params: TrainParams) -> torch.optim.Optimizer:
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters; call make_trainable() first")
+    for name, p in trainable:
+        if p.dtype != torch.float32:
+            # AdamW on half-precision weights loses small updates; keep fp32 master weights
+            # (autocast still computes in bf16/fp16 on GPU).
+            log.info("upcasting trainable parameters to fp32 (first: %s was %s)", name, p.dtype)
+            break
+    for _, p in trainable:
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+    # No weight decay on biases and norm weights (1-D), as is standard for transformers.
+    groups = [
+        {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": params.weight_decay},
+        {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=params.lr)
+
+
+def _configure_deepspeed(accelerator: Accelerator, params: TrainParams) -> None:
+    """Fill the DeepSpeed values accelerate cannot infer from a batch-sampler DataLoader."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = params.batch_size
+    if config.get("gradient_clipping", "auto") == "auto":
+        config["gradient_clipping"] = params.max_grad_norm
+
+
+def train(
+    model,
+    tokenizer,
+    examples: Sequence[ChatExample] | EncodedData,
+    params: TrainParams,
+    *,
+    log_dir: str | Path | None = None,
+    live=None,
+    desc: str = "train",
+) -> TrainResult:
+    """Fine-tune ``model`` in place on chat ``examples`` (loss on assistant tokens only).
+
+    ``log_dir`` starts a DVCLive log there (per-step ``train/loss`` and ``train/lr``); or pass
+    an open ``dvclive.Live`` as ``live`` to continue one (refine logs all its updates in one
+    curve). Returns a :class:`TrainResult`.
+    """
+    data = examples if isinstance(examples, EncodedData) else encode_examples(
+        tokenizer, examples, params.max_seq_len)
+    if data.n_input == 0:
+        raise ValueError("no training examples: the input data is empty")
+    if not data.examples:
+        raise ValueError(f"no training examples left: all {data.n_input} had their answer cut off "
+                         f"by max_seq_len={params.max_seq_len}")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token first")
+
+    seed_everything(params.seed)
+    accelerator = Accelerator(gradient_accumulation_steps=params.grad_accum,
+                              mixed_precision=default_mixed_precision())
+    _configure_deepspeed(accelerator, params)
+
+    sampler = make_batch_sampler(data.lengths, params.batch_size,
+                                 group_by_length=params.group_by_length, seed=params.seed)
+    loader = DataLoader(data.examples, batch_sampler=sampler,
+                        collate_fn=PadCollator(tokenizer.pad_token_id))
+    optimizer = _optimizer(model, params)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+
+    # `accelerate launch` (env) or a DeepSpeed config may override grad_accum; theirs is used.
+    grad_accum = accelerator.gradient_accumulation_steps
+    if grad_accum != params.grad_accum:
+        log.warning("grad_accum=%d from the accelerate config overrides params (%d)",
+                    grad_accum, params.grad_accum)
+    steps_per_epoch = math.ceil(len(loader) / grad_accum)  # len(loader): this process's batches
+    total_steps = params.max_steps or params.epochs * steps_per_epoch
+    # The scheduler is stepped by hand once per optimiser step (not prepared: accelerate would
+    # step it once per process).
+    scheduler = get_scheduler(params.lr_scheduler, optimizer,
+                              num_warmup_steps=math.ceil(params.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    log.info("%s: %d examples, %d steps (%d per epoch, batch %d x accum %d x %d processes), "
+             "mixed precision %s", desc, len(data.examples), total_steps, steps_per_epoch,
+             params.batch_size, grad_accum, accelerator.num_processes, accelerator.mixed_precision)
+
+    own_live = None
+    if accelerator.is_main_process and live is None and log_dir is not None:
+        from dvclive import Live
+
+        # No git side effects: the DVC stage, not DVCLive, records the experiment.
+        live = own_live = Live(dir=str(log_dir), save_dvc_exp=False, dvcyaml=None)
+    if not accelerator.is_main_process:
+        live = None
+
+    result = TrainResult(steps=0, epochs=0, data=data.stats())
+    model.train()
+    progress = tqdm(total=total_steps, desc=desc, disable=not accelerator.is_local_main_process)
+    start = time.perf_counter()
+    try:
+        while result.steps < total_steps:
+            sampler.set_epoch(result.epochs)
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(result.epochs)
+            result.epochs += 1
+            for window in _windows(loader, grad_accum):
+                _train_step(accelerator, model, optimizer, scheduler, window, params, result)
+                progress.update(1)
+                progress.set_postfix(loss=f"{result.loss_history[-1]:.4f}")
+                if live is not None:
+                    live.log_metric("train/loss", result.loss_history[-1])
+                    live.log_metric("train/lr", result.lr_history[-1])
+                    live.next_step()
+                if result.steps >= total_steps:
+                    break
+    finally:
+        accelerator.sync_gradients = True
+        progress.close()
+        if own_live is not None:
+            own_live.end()
+    accelerator.wait_for_everyone()
+    result.seconds = time.perf_counter() - start
+    model.eval()
+    accelerator.free_memory()  # drop DDP/DeepSpeed wrappers; the caller's model is trained
+    log.info("%s: %d steps, loss %.4f -> %.4f, %.0f tokens/s", desc, result.steps,
+             result.loss_history[0], result.loss_history[-1], result.tokens_per_s)
+    return result
+
+
+def _train_step(accelerator: Accelerator, model, optimizer, scheduler, window: list[dict],
+                params: TrainParams, result: TrainResult) -> None:
+    """One optimiser step over an accumulation window of micro-batches."""
+    local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
+    window_tokens = accelerator.reduce(
+        torch.tensor(local_tokens, device=accelerator.device), reduction="sum").item()
+    # accelerator.backward divides by grad_accum (DeepSpeed by its own, equal, value) and DDP
+    # averages over processes; undo both so the gradient is that of sum(loss) / window_tokens.
+    scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / window_tokens
+    loss_sum = torch.zeros((), device=accelerator.device)
+    seen = torch.zeros((), device=accelerator.device, dtype=torch.long)
+    for i, batch in enumerate(window):
+        last = i == len(window) - 1
+        # Sync gradients across processes (and let DeepSpeed step) only on the last micro-batch.
+        accelerator.sync_gradients = last
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            batch_loss, _ = _answer_token_loss_sum(model, batch)
+            accelerator.backward(batch_loss * scale)
+        loss_sum += batch_loss.detach()
+        seen += batch["attention_mask"].sum()
+    accelerator.clip_grad_norm_(model.parameters(), params.max_grad_norm)
+    result.lr_history.append(scheduler.get_last_lr()[0])
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    totals = accelerator.reduce(torch.stack([loss_sum, seen.to(loss_sum.dtype)]), reduction="sum")
+    result.steps += 1
+    result.loss_history.append(totals[0].item() / window_tokens)
+    result.tokens_seen += int(totals[1].item())
+    result.loss_tokens += int(window_tokens)

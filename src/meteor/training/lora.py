@@ -1,0 +1,62 @@
+"""LoRA via peft (the default) or full fine-tuning, and saving/reloading what was trained.
+
+A LoRA run saves only the adapter (``adapter_config.json`` + ``adapter_model.safetensors``) and
+the tokenizer; a full fine-tuning run saves the whole model with ``save_pretrained``. Either
+directory reloads with :func:`meteor.student.load.load_student` (``adapter_trainable=True`` to
+keep training the adapter), or with plain ``PeftModel.from_pretrained(base, path)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from meteor.params import LoraParams
+
+log = logging.getLogger(__name__)
+
+
+def lora_config(params: LoraParams) -> LoraConfig:
+    return LoraConfig(
+        r=params.r,
+        lora_alpha=params.alpha,
+        lora_dropout=params.dropout,
+        target_modules=list(params.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def make_trainable(model, params: LoraParams, *, seed: int = 0):
+    """Return the model to train: with a fresh LoRA adapter, or with every weight trainable.
+
+    A model that already is a :class:`PeftModel` is returned as is, so repeated updates (refine's
+    in-loop fine-tuning) keep training the same adapter instead of stacking new ones.
+    """
+    if isinstance(model, PeftModel):
+        return model
+    if not params.enabled:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    available = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in params.target_modules if m not in available]
+    if missing:
+        raise ValueError(f"lora.target_modules {missing} are not modules of "
+                         f"{type(model).__name__}; it has e.g. {sorted(available)[:12]}")
+    torch.manual_seed(seed)  # LoRA A matrices are randomly initialised
+    peft_model = get_peft_model(model, lora_config(params))
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    log.info("LoRA r=%d alpha=%d on %s: %d of %d parameters trainable (%.2f%%)",
+             params.r, params.alpha, ",".join(params.target_modules), trainable, total,
+             100 * trainable / total)
+    return peft_model
+
+
+def save_trained(model, tokenizer, out_dir: str | Path) -> None:
+    """Save the adapter (LoRA) or the full model (full fine-tuning), plus the tokenizer."""
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
