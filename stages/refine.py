@@ -1,0 +1,115 @@
+"""Stage refine (METEOR 2): iterative refinement with teacher feedback and in-loop fine-tuning.
+
+Starts from models/sft (the sft adapter on models/base) and reads data/distilled.jsonl joined by id
+with data/scraped/train.jsonl (the reference answer the offline teacher judges against); the first
+``refine.limit`` distilled rows when set; rows with ``ok: false`` are skipped and counted.
+For each question the student answers with its reasoning, the teacher (params ``teacher``) returns
+a verdict {correct, feedback, hints}, and a wrong answer is revised given the feedback (the
+teacher's, or with ``refine.feedback: self`` the student's own critique), for at most
+``refine.max_iterations`` attempts. Every ``refine.fine_tune_interval`` training rows the student
+is fine-tuned on the rows since the previous update (``refine.train``; at least one real optimiser
+step) and continues with the updated weights. See :mod:`meteor.refine` for the targets (final |
+chain) and what ``refine.keep_failed`` does. Generation uses params ``generation`` with
+``refine.max_new_tokens``.
+
+Writes data/refined.jsonl (one row per question in question order: {id, category, title,
+question, attempts: [{iteration, answer, verdict, error, feedback}], final_answer, source, passed,
+passed_at, outcome, error, stopped_by_context, update}), models/refine/ (adapter + tokenizer),
+metrics/refine.json (pass rate after each iteration, outcomes, updates, optimiser steps, examples
+trained, teacher calls / cache hits / failures / cost) and the loss curve of all updates under
+dvclive/refine/.
+
+Exit status: non-zero after writing everything when the teacher budget stopped the stage or every
+verdict failed, so DVC does not record an incomplete run as done. Re-running retraces the same
+trajectory (greedy generation, seeded training) and takes the finished teacher calls from the cache.
+
+Run alone:  python stages/refine.py        (or: dvc repro refine)
+API key:    OPENAI_API_KEY from the environment only (backend openai); never written anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+from dvclive import Live
+
+from meteor.io import atomic_path, read_jsonl, write_json, write_jsonl
+from meteor.params import load_params
+from meteor.refine import NOT_OK, NO_ANSWER, SKIP_REASONS, TEACHER_ERROR, refine, refine_inputs
+from meteor.student.load import load_student
+from meteor.teacher import make_teacher
+from meteor.training import make_trainable, save_trained
+from meteor.utils import seed_everything, setup_logging
+
+SFT_DIR = Path("models/sft")
+DISTILLED = Path("data/distilled.jsonl")
+TRAIN = Path("data/scraped/train.jsonl")
+OUT = Path("data/refined.jsonl")
+OUT_DIR = Path("models/refine")
+METRICS = Path("metrics/refine.json")
+LOG_DIR = Path("dvclive/refine")
+EXIT_INCOMPLETE = 3
+log = logging.getLogger("refine")
+
+
+def main() -> int:
+    setup_logging()
+    start = time.perf_counter()
+    params = load_params()
+    refine_params = params.refine
+    seed_everything(refine_params.train.seed)
+
+    distilled = read_jsonl(DISTILLED)
+    inputs, skipped = refine_inputs(distilled, read_jsonl(TRAIN), limit=refine_params.limit)
+    model, tokenizer = load_student(SFT_DIR, dtype=params.student.dtype,
+                                    trust_remote_code=params.student.trust_remote_code,
+                                    adapter_trainable=True)
+    model = make_trainable(model, refine_params.train.lora, seed=refine_params.train.seed)
+    teacher = make_teacher(params.teacher)
+    # No git side effects: the DVC stage, not DVCLive, records the experiment.
+    live = Live(dir=str(LOG_DIR), save_dvc_exp=False, dvcyaml=None)
+    try:
+        run = refine(model, tokenizer, teacher, inputs, refine_params, params.generation, live=live)
+    finally:
+        live.end()
+        teacher.close()
+    # dvc.yaml declares the curve as an output; it must exist even when no update happened.
+    (LOG_DIR / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
+
+    with atomic_path(OUT_DIR, is_dir=True) as tmp_dir:
+        save_trained(model, tokenizer, tmp_dir)
+    write_jsonl(OUT, run.rows)
+    skipped.update(run.skipped)
+    metrics = {
+        **run.metrics(refine_params.max_iterations),
+        "rows_in": len(distilled[:refine_params.limit]),
+        "rows_skipped": {reason: skipped[reason] for reason in SKIP_REASONS},
+        "teacher": {"name": teacher.name, **teacher.stats.as_dict()},
+        "target": refine_params.target,
+        "feedback": refine_params.feedback,
+        "keep_failed": refine_params.keep_failed,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    write_json(METRICS, metrics)
+    log.info("%d questions: pass rate by iteration %s, %d updates (%d optimiser steps, %d rows "
+             "trained), %d teacher calls, %d cache hits -> %s, %s", metrics["questions"],
+             metrics["pass_rate_by_iteration"], metrics["updates"], metrics["optimizer_steps"],
+             metrics["examples_trained"], metrics["teacher"]["calls"],
+             metrics["teacher"]["cache_hits"], OUT, OUT_DIR)
+    if skipped[NOT_OK] or skipped[NO_ANSWER]:
+        log.info("skipped distilled rows: %s", dict(skipped))
+    if metrics["budget_stopped"]:
+        log.error("stopped by the teacher budget: raise teacher.budget_usd and re-run; finished "
+                  "calls come from the cache")
+        return EXIT_INCOMPLETE
+    if metrics["outcomes"][TEACHER_ERROR] == metrics["questions"]:
+        log.error("the teacher gave no verdict for any question; see the 'error' field of %s", OUT)
+        return EXIT_INCOMPLETE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
