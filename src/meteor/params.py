@@ -66,6 +66,8 @@ class ScrapeParams(Section):
         description="Tag -> category table; a question takes the first category whose tags match.",
     )
     min_score: int = Field(0, description="Drop questions scoring below this.")
+    workers: int = Field(0, ge=0, description="Processes converting dump HTML to Markdown; "
+                         "0 = one per CPU, 1 = no pool. The records do not depend on it.")
     split: SplitParams = Field(default_factory=SplitParams)
     api: ApiParams = Field(default_factory=ApiParams)
 
@@ -202,9 +204,22 @@ class SftParams(Section):
     train: TrainParams = Field(default_factory=TrainParams)
 
 
+class RefineTrainParams(TrainParams):
+    """Each in-loop update: one pass over the rows since the last update. Its own class, so a
+    partial ``refine.train`` in params.yaml keeps these defaults rather than sft's."""
+
+    epochs: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    # No warmup: an update is a step or two on an already-trained adapter, and the first warmup
+    # step has learning rate 0, so a one-step update would change nothing.
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warmup steps / total steps.")
+
+
 class RefineParams(Section):
     max_iterations: int = Field(3, ge=1, description="Answer + at most N-1 revisions per question.")
-    fine_tune_interval: int = Field(10, ge=1, description="Update the student every N accepted rows.")
+    fine_tune_interval: int = Field(
+        10, ge=1, description="Update the student every N training rows (accepted answers, plus "
+                              "teacher answers with keep_failed=reference).")
     target: Literal["final", "chain"] = Field("final", description="METEOR final answer or SelFee chain.")
     feedback: Literal["teacher", "self"] = Field("teacher", description="Who critiques (SELF: student).")
     keep_failed: Literal["drop", "last", "reference"] = Field(
@@ -214,7 +229,7 @@ class RefineParams(Section):
                                  "passes (the tiny student against the offline teacher).")
     limit: int | None = Field(None, ge=1, description="Only the first N questions (debugging).")
     max_new_tokens: int = Field(160, ge=1)
-    train: TrainParams = Field(default_factory=lambda: TrainParams(epochs=1, lr=1e-3))
+    train: RefineTrainParams = Field(default_factory=RefineTrainParams)
 
 
 class Params(Section):
