@@ -104,8 +104,8 @@ class BaseParams(Section):
     intermediate_size: int = Field(512, ge=8)
     max_seq_len: int = Field(512, ge=16, description="Context length of the model.")
     block_size: int = Field(256, ge=16, description="Tokens per pre-training sequence.")
-    steps: int = Field(300, ge=1, description="Optimiser steps (bounded: ~2 min on 2 CPU cores).")
-    batch_size: int = Field(8, ge=1, description="Blocks per step (300 x 8 x 256 = 614k tokens).")
+    steps: int = Field(200, ge=1, description="Optimiser steps (bounded: ~2 min on 2 CPU cores).")
+    batch_size: int = Field(8, ge=1, description="Blocks per step (200 x 8 x 256 = 410k tokens).")
     lr: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.1, ge=0)
@@ -129,6 +129,8 @@ class GenerationParams(Section):
     temperature: float = Field(0.7, gt=0)
     top_p: float = Field(0.95, gt=0, le=1)
     repetition_penalty: float = Field(1.1, gt=0)
+    no_repeat_ngram_size: int = Field(
+        4, ge=0, description="Never repeat an n-gram of this size (0 = off); small students loop.")
     seed: int = 0
 
 
@@ -183,7 +185,7 @@ class LoraParams(Section):
 class TrainParams(Section):
     """One training loop for sft, refine, self_train and merge."""
 
-    epochs: int = Field(3, ge=1)
+    epochs: int = Field(2, ge=1)
     max_steps: int | None = Field(
         None, ge=1, description="Exactly this many optimiser steps (overrides epochs) when set.")
     batch_size: int = Field(8, ge=1)

@@ -31,6 +31,7 @@ def generation_kwargs(params: GenerationParams, **overrides: Any) -> dict[str, A
         "temperature": params.temperature,
         "top_p": params.top_p,
         "repetition_penalty": params.repetition_penalty,
+        "no_repeat_ngram_size": params.no_repeat_ngram_size,
         "seed": params.seed,
     }
     kwargs.update(overrides)
@@ -61,13 +62,15 @@ def left_pad(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, t
 
 
 def _decoding_config(model, tokenizer, *, max_new_tokens: int, do_sample: bool, temperature: float,
-                     top_p: float, repetition_penalty: float, num_beams: int) -> dict[str, Any]:
+                     top_p: float, repetition_penalty: float, no_repeat_ngram_size: int,
+                     num_beams: int) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     config: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "do_sample": do_sample,
         "num_beams": num_beams,
         "repetition_penalty": repetition_penalty,
+        "no_repeat_ngram_size": no_repeat_ngram_size,
         "pad_token_id": pad_id,
         "eos_token_id": (model.generation_config.eos_token_id
                          if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id),
@@ -91,6 +94,7 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
     num_beams: int = 1,
     seed: int = 0,
     progress: bool | str = True,
@@ -107,7 +111,8 @@ def generate(
     prompts = encode_prompts(tokenizer, conversations)
     decoding = _decoding_config(model, tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                 temperature=temperature, top_p=top_p,
-                                repetition_penalty=repetition_penalty, num_beams=num_beams)
+                                repetition_penalty=repetition_penalty,
+                                no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams)
     # Longest first: similar lengths share a batch, and an out-of-memory error shows up at once.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[str | None] = [None] * len(prompts)
