@@ -377,12 +377,14 @@ def test_failed_verdict_is_recorded_and_counted_not_crashed(student, tokenizer):
 
 
 def test_empty_answers_are_rejected_without_a_teacher_call(tiny_model_dir, tokenizer):
-    # The untrained tiny model writes only newlines: every answer is empty.
+    # Under plain greedy decoding the untrained tiny model writes only newlines: every answer is
+    # empty (no_repeat_ngram_size would force it to write something else).
     model = make_trainable(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                            refine_params().train.lora)
     teacher = ScriptedTeacher({})
+    plain_greedy = GENERATION.model_copy(update={"no_repeat_ngram_size": 0})
     run = refine(model, tokenizer, teacher, make_inputs(2),
-                 refine_params(keep_failed="reference"), GENERATION)
+                 refine_params(keep_failed="reference"), plain_greedy)
     assert teacher.asked == []
     assert all(a["answer"] == "" and a["judged_by"] == "empty_answer_rule"
                and a["verdict"]["correct"] is False for r in run.rows for a in r["attempts"])

@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from meteor.rows import join_to_questions
 from meteor.teacher.base import CRITERIA, Scores, Teacher, TeacherResult
 from meteor.teacher.chat import BUDGET
 
@@ -37,26 +38,15 @@ class DistillInput:
 def distill_inputs(guideline_rows: Sequence[dict], train_rows: Sequence[dict],
                    limit: int | None = None) -> list[DistillInput]:
     """Guideline rows (in their order, the first ``limit``) joined to their train questions by id."""
-    by_id: dict = {}
-    for i, row in enumerate(train_rows):
-        if "id" not in row:
-            raise ValueError(f"train row {i} has no 'id'")
-        if row["id"] in by_id:
-            raise ValueError(f"train split has duplicate question id {row['id']!r}")
-        by_id[row["id"]] = row
-    rows = list(guideline_rows)[:limit]
-    unknown = [r.get("id") for r in rows if r.get("id") not in by_id]
-    if unknown:
-        raise ValueError(f"{len(unknown)} guideline row(s) name question ids that are not in the "
-                         f"train split (e.g. {unknown[:5]}): guidelines and train split are out of "
-                         "date with each other; re-run the guideline stage")
+    pairs = join_to_questions(list(guideline_rows)[:limit], train_rows, what="guideline",
+                              rerun="guideline")
     inputs = []
-    for row in rows:
+    for row, question in pairs:
         text = row.get("guideline")
         reason = row.get("degenerate")
         if reason is None and not (isinstance(text, str) and text.strip()):
             reason = "empty"  # guard against hand-edited or older guideline files
-        inputs.append(DistillInput(by_id[row["id"]], None if reason else text, reason))
+        inputs.append(DistillInput(question, None if reason else text, reason))
     return inputs
 
 

@@ -64,6 +64,7 @@ from tqdm.auto import tqdm
 
 from meteor import prompts
 from meteor.params import GenerationParams, RefineParams
+from meteor.rows import join_to_questions
 from meteor.student.generate import encode_prompts, generate, generation_kwargs
 from meteor.teacher.base import Teacher, TeacherResult, Verdict
 from meteor.teacher.chat import BUDGET
@@ -98,30 +99,19 @@ def refine_inputs(distilled_rows: Sequence[dict], train_rows: Sequence[dict],
     ``ok: false`` (a failed distill call) or without an answer are skipped; returns the inputs and
     the skip counts by reason.
     """
-    by_id: dict = {}
-    for i, row in enumerate(train_rows):
-        if "id" not in row:
-            raise ValueError(f"train row {i} has no 'id'")
-        if row["id"] in by_id:
-            raise ValueError(f"train split has duplicate question id {row['id']!r}")
-        by_id[row["id"]] = row
-    rows = list(distilled_rows)[:limit]
-    unknown = [r.get("id") for r in rows if r.get("id") not in by_id]
-    if unknown:
-        raise ValueError(f"{len(unknown)} distilled row(s) name question ids that are not in the "
-                         f"train split (e.g. {unknown[:5]}): distilled data and train split are "
-                         "out of date with each other; re-run the distill stage")
+    pairs = join_to_questions(list(distilled_rows)[:limit], train_rows, what="distilled",
+                              rerun="distill")
     inputs, skipped = [], Counter()
-    for row in rows:
+    for row, question in pairs:
         answer = row.get("answer")
         if row.get("ok") is False:
             skipped[NOT_OK] += 1
         elif not isinstance(answer, str) or not answer.strip():
             skipped[NO_ANSWER] += 1
         else:
-            inputs.append(RefineInput(by_id[row["id"]], answer))
+            inputs.append(RefineInput(question, answer))
     if skipped:
-        log.warning("skipped %d of %d distilled rows: %s", sum(skipped.values()), len(rows),
+        log.warning("skipped %d of %d distilled rows: %s", sum(skipped.values()), len(pairs),
                     dict(skipped))
     return inputs, skipped
 
