@@ -231,6 +231,10 @@ def test_saved_adapter_reloads_with_peft_and_gives_the_same_logits(base_model, t
         untrained = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(**inputs).logits
     torch.testing.assert_close(got, expected)
     assert not torch.allclose(untrained, expected)  # the adapter did change the model
+    # peft writes target_modules in set (hash) order, which differs between processes; we sort
+    # it so two runs of a stage save byte-identical adapters.
+    config = json.loads((tmp_path / "sft" / "adapter_config.json").read_text())
+    assert config["target_modules"] == sorted(tiny_params().lora.target_modules)
 
 
 def test_full_finetuning_trains_every_weight_and_saves_a_full_model(base_model, tokenizer,

@@ -8,6 +8,7 @@ keep training the adapter), or with plain ``PeftModel.from_pretrained(base, path
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -60,3 +61,15 @@ def save_trained(model, tokenizer, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    _sort_target_modules(out_dir / "adapter_config.json")
+
+
+def _sort_target_modules(config_path: Path) -> None:
+    """peft keeps ``target_modules`` as a set and writes it in hash order, which changes from one
+    process to the next; write it sorted so two runs save byte-identical adapters."""
+    if not config_path.exists():
+        return
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
