@@ -59,7 +59,7 @@ def repo(tmp_path_factory):
                            check=True, capture_output=True, text=True).stdout.split("\0")
     for rel in filter(None, files):
         src = ROOT / rel
-        if src.is_file() and not rel.startswith(("models/", "data/scraped/", "metrics/")):
+        if src.is_file() and rel != "dvc.lock" and not rel.startswith(("models/", "metrics/")):
             (path / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, path / rel)
     params = yaml.safe_load((path / "params.yaml").read_text())
