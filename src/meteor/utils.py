@@ -22,9 +22,11 @@ def setup_logging(level: str | int = "INFO") -> None:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch so CPU runs are bit-for-bit repeatable."""
+    """Seed Python, NumPy and torch so CPU runs are bit-for-bit repeatable.
+
+    The string-hash seed cannot be set from inside a running process, so nothing saved may depend
+    on the iteration order of a set of strings (see ``meteor.training.lora._sort_target_modules``)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    os.environ.setdefault("PYTHONHASHSEED", str(seed))
     torch.use_deterministic_algorithms(True, warn_only=True)
