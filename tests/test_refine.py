@@ -89,6 +89,9 @@ class ScriptedTeacher(Teacher):
     def score(self, questions, answers, criteria=()):
         raise NotImplementedError
 
+    def compare(self, questions, answers_a, answers_b, criteria=()):
+        raise NotImplementedError
+
 
 # ------------------------------------------------------------------------------------ students
 @pytest.fixture

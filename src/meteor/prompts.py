@@ -116,6 +116,31 @@ def score_messages(question: dict, answer: str, criteria: tuple[str, ...] = CRIT
     ]
 
 
+def compare_messages(question: dict, answer_a: str, answer_b: str,
+                     criteria: tuple[str, ...] = CRITERIA) -> list[dict]:
+    """Pairwise judgement of two answers (A shown first) per criterion; JSON :class:`Comparison`
+    reply. Callers ask both orders to cancel position bias."""
+    lines = "\n".join(f"- {c}: {CRITERIA_DESCRIPTIONS.get(c, c)}" for c in criteria)
+    entries = ", ".join(f'"{c}": {{"winner": "<A, B or tie>", "justification": "<one or two '
+                        f'sentences>"}}' for c in criteria)
+    instruction = (
+        "Compare the two answers to the question below. For each criterion say which answer is "
+        "better (A or B), or tie when neither is, each with a short justification. Do not let "
+        "the order in which the answers are shown or their length influence you.\n\n"
+        f"Criteria: {', '.join(criteria)}\n{lines}\n\n"
+        f"Question:\n{format_question(question)}\n\n"
+        f"Answer A:\n{answer_a.strip()}\n\n"
+        f"Answer B:\n{answer_b.strip()}\n\n"
+        "Reply with a single JSON object and nothing else, in this format:\n"
+        f'{{"preferences": {{{entries}}}}}'
+    )
+    return [
+        {"role": "system", "content": "You are an impartial, strict expert judge of answers to "
+                                      f"{field_of(question)} questions."},
+        {"role": "user", "content": instruction},
+    ]
+
+
 # ------------------------------------------------------------------------------- JSON re-ask
 def json_reask_message(error: str) -> dict:
     """Follow-up turn when a JSON reply failed validation (the bad reply precedes it)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -36,6 +36,19 @@ class Scores(BaseModel):
     """Judge scores, 1-10 per criterion, each with a justification."""
 
     scores: dict[str, CriterionScore]
+
+
+class CriterionPreference(BaseModel):
+    winner: Literal["A", "B", "tie"]
+    justification: str
+
+
+class Comparison(BaseModel):
+    """A pairwise judgement: per criterion, which of the two answers *as shown* (A first, B
+    second) is better, or a tie. Position bias is handled by the caller asking both orders
+    (:func:`meteor.judging.compare_both_orders`)."""
+
+    preferences: dict[str, CriterionPreference]
 
 
 @dataclass
@@ -83,6 +96,11 @@ class Teacher(ABC):
     def score(self, questions: list[dict], answers: list[str],
               criteria: tuple[str, ...] = CRITERIA) -> list[TeacherResult]:
         """:class:`Scores` per (question, answer) on ``criteria``."""
+
+    @abstractmethod
+    def compare(self, questions: list[dict], answers_a: list[str], answers_b: list[str],
+                criteria: tuple[str, ...] = CRITERIA) -> list[TeacherResult]:
+        """:class:`Comparison` per (question, answer A, answer B), A shown first."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release clients, pools, caches."""

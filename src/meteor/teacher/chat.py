@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from meteor import prompts
 from meteor.params import TeacherParams
-from meteor.teacher.base import CRITERIA, Scores, Teacher, TeacherResult, TeacherStats, Verdict
+from meteor.teacher.base import (CRITERIA, Comparison, Scores, Teacher, TeacherResult, TeacherStats,
+                                 Verdict)
 from meteor.teacher.cache import ResponseCache, cache_key
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,15 @@ def check_criteria(scores: Scores, criteria: tuple[str, ...]) -> Scores:
     return Scores(scores={c: by_name[c] for c in criteria})
 
 
+def check_preferences(comparison: Comparison, criteria: tuple[str, ...]) -> Comparison:
+    """Like :func:`check_criteria`, for a pairwise :class:`Comparison`."""
+    by_name = {name.strip().lower(): p for name, p in comparison.preferences.items()}
+    missing = [c for c in criteria if c not in by_name]
+    if missing:
+        raise ValueError(f"missing criteria {missing}; judge every one of {list(criteria)}")
+    return Comparison(preferences={c: by_name[c] for c in criteria})
+
+
 # --------------------------------------------------------------------------------------- teacher
 class ChatTeacher(Teacher):
     """Teacher/judge over a chat backend, with cache, JSON validation + re-ask and a budget.
@@ -162,6 +172,15 @@ class ChatTeacher(Teacher):
         conversations = [prompts.score_messages(q, a, criteria) for q, a in zip(questions, answers)]
         return self.complete(conversations, schema=Scores,
                              check=lambda s: check_criteria(s, criteria))
+
+    def compare(self, questions: list[dict], answers_a: list[str], answers_b: list[str],
+                criteria: tuple[str, ...] = CRITERIA) -> list[TeacherResult]:
+        _same_length(questions=questions, answers_a=answers_a, answers_b=answers_b)
+        criteria = tuple(criteria)
+        conversations = [prompts.compare_messages(q, a, b, criteria)
+                         for q, a, b in zip(questions, answers_a, answers_b)]
+        return self.complete(conversations, schema=Comparison,
+                             check=lambda c: check_preferences(c, criteria))
 
     def close(self) -> None:
         self.backend.close()

@@ -47,6 +47,8 @@ from meteor import prompts
 from meteor.params import TeacherParams
 from meteor.teacher.base import (
     CRITERIA,
+    Comparison,
+    CriterionPreference,
     CriterionScore,
     Scores,
     Teacher,
@@ -301,6 +303,20 @@ def judge_scores(question: dict, answer: str, criteria: Sequence[str] = CRITERIA
     return Scores(scores=out)
 
 
+def judge_comparison(question: dict, answer_a: str, answer_b: str,
+                     criteria: Sequence[str] = CRITERIA) -> Comparison:
+    """Pairwise preference from the two answers' single scores: the higher score wins, equal
+    scores tie. It depends on the texts only, so it never has a position bias."""
+    a, b = judge_scores(question, answer_a, criteria), judge_scores(question, answer_b, criteria)
+    out = {}
+    for c in criteria:
+        sa, sb = a.scores[c].score, b.scores[c].score
+        winner = "A" if sa > sb else "B" if sb > sa else "tie"
+        out[c] = CriterionPreference(
+            winner=winner, justification=f"Offline heuristic: {c} score A {sa}, B {sb}.")
+    return Comparison(preferences=out)
+
+
 def judge_verdict(question: dict, answer: str) -> Verdict:
     """Accept or reject ``answer`` by overlap with the reference; hints name missing key terms."""
     reference = _reference(question)
@@ -459,6 +475,15 @@ class OfflineTeacher(Teacher):
         return self._each("score", list(zip(questions, answers)),
                           lambda q, a: judge_scores(q, a, criteria),
                           lambda q, a: prompts.score_messages(q, a, criteria))
+
+    def compare(self, questions: list[dict], answers_a: list[str], answers_b: list[str],
+                criteria: tuple[str, ...] = CRITERIA) -> list[TeacherResult]:
+        _same_length(questions, answers_a)
+        _same_length(questions, answers_b)
+        criteria = tuple(criteria)
+        return self._each("compare", [(q, (a, b)) for q, a, b in zip(questions, answers_a, answers_b)],
+                          lambda q, ab: judge_comparison(q, ab[0], ab[1], criteria),
+                          lambda q, ab: prompts.compare_messages(q, ab[0], ab[1], criteria))
 
     def _each(self, what: str, items: list[tuple], compute, messages) -> list[TeacherResult]:
         results = []
