@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from meteor import prompts
+from meteor.teacher import prompts
 from meteor.teacher.base import Scores, Verdict
 from meteor.teacher.cache import ResponseCache, cache_key
 from meteor.teacher.chat import check_criteria, extract_json, parse_structured

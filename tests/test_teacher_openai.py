@@ -18,7 +18,7 @@ import pytest
 import yaml
 from fake_openai_server import FakeOpenAIServer, Faults, default_responder, make_questions
 
-from meteor import prompts
+from meteor.teacher import prompts
 from meteor.params import ParamsError, TeacherParams, load_params
 from meteor.teacher import make_teacher
 from meteor.teacher.base import Scores, Verdict

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meteor import prompts
+from meteor.teacher import prompts
 
 DB_NAME = "responses.sqlite"
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ValidationError
 from tqdm.auto import tqdm
 
-from meteor import prompts
+from meteor.teacher import prompts
 from meteor.params import TeacherParams
 from meteor.teacher.base import (CRITERIA, Comparison, Scores, Teacher, TeacherResult, TeacherStats,
                                  Verdict)
