@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from meteor.params import Params, ParamsError, load_params
 
@@ -14,9 +15,57 @@ def write(tmp_path, data) -> str:
     return str(path)
 
 
-def test_repo_params_file_is_valid_and_matches_defaults():
-    # params.yaml is the documented default; keep it in step with the code's defaults.
-    assert load_params("params.yaml") == Params()
+def unwritten_fields(model: type[BaseModel], written: dict, prefix: str = "") -> list[str]:
+    """Dotted names of every field of ``model`` (recursively, into sections) that ``written``
+    does not spell out."""
+    missing = []
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{name}"
+        if name not in written:
+            missing.append(key)
+            continue
+        sub = info.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            value = written[name]
+            if not isinstance(value, dict):
+                missing.append(f"{key} (not a mapping)")
+            else:
+                missing += unwritten_fields(sub, value, f"{key}.")
+    return missing
+
+
+def test_repo_params_file_is_valid():
+    # It may hold an applied experiment (values differing from the code's defaults): that is fine.
+    assert isinstance(load_params("params.yaml"), Params)
+
+
+def test_repo_params_file_spells_out_every_field():
+    # Every default is written in params.yaml, so the values a stage uses are all tracked by DVC's
+    # `params:` and a changed default in meteor/params.py cannot silently change an output (why
+    # params.py is allowed to be left out of dvc.yaml deps: tests/test_dvc_deps.py).
+    written = yaml.safe_load(open("params.yaml"))  # merge keys (<<: *teacher) resolved
+    assert unwritten_fields(Params, written) == []
+
+
+def test_unwritten_fields_finds_a_missing_nested_key():
+    written = yaml.safe_load(open("params.yaml"))
+    del written["refine"]["train"]["lora"]["r"]
+    del written["judge"]
+    assert unwritten_fields(Params, written) == ["judge", "refine.train.lora.r"]
+
+
+def test_shared_blocks_are_written_once():
+    raw = open("params.yaml").read()
+    assert "judge:\n  <<: *teacher\n" in raw and "    lora:\n      <<: *lora\n" in raw
+
+
+def test_a_judge_key_overrides_the_merged_teacher_key(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("teacher: &teacher\n  model: gpt-4o-mini\n  max_concurrency: 3\n"
+                    "judge:\n  <<: *teacher\n  model: gpt-4o\n")
+    p = load_params(path)
+    assert (p.teacher.model, p.judge.model) == ("gpt-4o-mini", "gpt-4o")
+    assert p.judge.max_concurrency == 3
 
 
 def test_unknown_key_is_named(tmp_path):

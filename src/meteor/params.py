@@ -156,7 +156,10 @@ class TeacherParams(Section):
         },
         description="USD per 1M tokens, by model name; unknown models cost 0.",
     )
-    cache_dir: str = Field(".cache/teacher", description="Persistent response cache (git-ignored).")
+    cache_dir: str | None = Field(
+        None, description="Persistent response cache directory; null: <cache root>/teacher, the "
+                          "root being $METEOR_CACHE_DIR, else $XDG_CACHE_HOME/meteor (~/.cache/meteor). "
+                          "Outside the repo, so queued and temp experiments share it.")
     batch_size: int = Field(8, ge=1, description="Batch size of the local backend.")
 
 
@@ -169,6 +172,10 @@ class GuidelineParams(Section):
 class DistillParams(Section):
     limit: int | None = Field(None, ge=1, description="Only the first N guidelines (debugging).")
     ablation_size: int = Field(20, ge=0, description="Questions distilled with and without guideline.")
+    max_failed_fraction: float = Field(
+        0.05, ge=0, le=1, description="Above this share of failed rows (or of ablation pairs that "
+                                      "could not be compared) the stage writes its outputs and "
+                                      "metrics, then exits non-zero; a re-run resumes from the cache.")
 
 
 # ------------------------------------------------------------------------------------ training
@@ -231,6 +238,10 @@ class RefineParams(Section):
                                  "passes (the tiny student against the offline teacher).")
     limit: int | None = Field(None, ge=1, description="Only the first N questions (debugging).")
     max_new_tokens: int = Field(160, ge=1)
+    max_failed_fraction: float = Field(
+        0.05, ge=0, le=1, description="Above this share of questions that got no teacher verdict, "
+                                      "the stage writes its outputs and metrics, then exits "
+                                      "non-zero; a re-run resumes from the cache.")
     train: RefineTrainParams = Field(default_factory=RefineTrainParams)
 
 
