@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 
@@ -80,6 +81,29 @@ def test_extract_json_from_fences_and_prose():
     assert extract_json('```json\n{"a": 1}\n```') == '{"a": 1}'
     assert extract_json('Here you go:\n```\n{"a": 2}\n```\nthanks') == '{"a": 2}'
     assert extract_json('Sure! {"a": {"b": 3}} Hope it helps.') == '{"a": {"b": 3}}'
+
+
+CODE_FEEDBACK = ("Use no_grad:\n```python\nwith torch.no_grad():\n    y = model(x)\n```\n"
+                 "and call model.eval() first.")
+VERDICT_WITH_CODE = json.dumps({"correct": False, "feedback": CODE_FEEDBACK,
+                                "hints": ["```py\nmodel.eval()\n```"]})
+
+
+@pytest.mark.parametrize("reply", [
+    VERDICT_WITH_CODE,                                         # bare JSON
+    f"```json\n{VERDICT_WITH_CODE}\n```",                      # fenced JSON
+    f"Here is my verdict:\n```\n{VERDICT_WITH_CODE}\n```\nDone.",  # prose around a fence
+    f"Verdict: {VERDICT_WITH_CODE}",                            # prose before bare JSON
+])
+def test_json_with_code_fences_inside_strings_is_kept_whole(reply):
+    verdict = parse_structured(reply, Verdict)
+    assert verdict.feedback == CODE_FEEDBACK and verdict.hints == ["```py\nmodel.eval()\n```"]
+
+
+def test_a_fenced_json_block_after_a_code_block_is_found():
+    reply = ("The fix:\n```python\nmodel.eval()\n```\nMy verdict:\n```json\n"
+             '{"correct": true, "feedback": "ok", "hints": []}\n```')
+    assert parse_structured(reply, Verdict).correct is True
 
 
 def test_parse_verdict_and_readable_errors():

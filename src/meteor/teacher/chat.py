@@ -10,6 +10,7 @@ after 3 replies: ..."``), never an exception that kills the stage halfway.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -79,18 +80,45 @@ class ChatBackend(ABC):
 
 
 # ---------------------------------------------------------------------------- structured replies
-_FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.S)
+_FENCE_OPEN = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\n?")
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _fenced_candidates(text: str) -> list[str]:
+    """Bodies of fenced blocks, each from an opening fence to a later ``` (the longest first, so
+    a JSON string holding its own ```python fence is not cut at the inner fence)."""
+    out = []
+    for opening in _FENCE_OPEN.finditer(text):
+        start = opening.end()
+        ends = [m.start() for m in re.finditer("```", text[start:])]
+        out += [text[start:start + e].strip() for e in reversed(ends)]
+    return out
 
 
 def extract_json(text: str) -> str:
-    """The JSON part of a reply: a fenced ```json block, else the outermost ``{...}`` span."""
-    fenced = _FENCE.search(text)
-    if fenced:
-        return fenced.group(1).strip()
+    """The JSON part of a reply: the whole reply when it parses as JSON (a verdict whose feedback
+    quotes code fences is still whole), else the body of a fenced block that parses, else the
+    outermost ``{...}`` span. When nothing parses, the best guess is returned, so validation
+    names the error."""
+    stripped = text.strip()
+    if _is_json(stripped):
+        return stripped
+    fenced = _fenced_candidates(text)
     start, end = text.find("{"), text.rfind("}")
-    if start != -1 and end > start:
-        return text[start:end + 1]
-    return text.strip()
+    braces = text[start:end + 1] if start != -1 and end > start else None
+    for candidate in [*fenced, braces]:
+        if candidate is not None and _is_json(candidate):
+            return candidate
+    if braces is not None:
+        return braces
+    return fenced[-1] if fenced else stripped
 
 
 def _short_validation_error(err: ValidationError, limit: int = 3) -> str:
