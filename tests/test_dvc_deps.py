@@ -187,3 +187,24 @@ def test_the_closure_follows_lazy_and_package_imports():
     sft = {p.as_posix() for p in closure(ROOT / "stages" / "sft.py")}
     assert "src/meteor/prompts.py" in sft and "src/meteor/utils.py" in sft
     assert not any(p.startswith("src/meteor/teacher/") for p in sft)
+
+
+def _reads(params: list, key: str) -> bool:
+    """Whether a `params:` list covers ``key`` (the key itself, or a section above it)."""
+    names = [p if isinstance(p, str) else next(iter(p)) for p in params]
+    return any(key == n or key.startswith(n + ".") for n in names)
+
+
+@pytest.mark.parametrize("name", list(stages()))
+def test_a_stage_reading_an_inheriting_section_lists_its_parent(name):
+    # judge takes every key it does not set from teacher (meteor.params.INHERITS): a stage that
+    # reads the judge must also track the teacher's values, or a change there would not re-run it.
+    from meteor.params import INHERITS
+
+    params = stages()[name].get("params", [])
+    names = [p if isinstance(p, str) else next(iter(p)) for p in params]
+    for child, parent in INHERITS.items():
+        reads_child = any(child == n or child.startswith(n + ".") or n.startswith(child + ".")
+                          for n in names)
+        if reads_child:
+            assert _reads(params, parent), f"stage {name} reads {child}: list {parent} in params"

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from meteor.params import Params, ParamsError, load_params
+from meteor.params import INHERITS, Params, ParamsError, load_params, resolve_inheritance
 
 
 def write(tmp_path, data) -> str:
@@ -40,32 +40,46 @@ def test_repo_params_file_is_valid():
 
 
 def test_repo_params_file_spells_out_every_field():
-    # Every default is written in params.yaml, so the values a stage uses are all tracked by DVC's
-    # `params:` and a changed default in meteor/params.py cannot silently change an output (why
-    # params.py is allowed to be left out of dvc.yaml deps: tests/test_dvc_deps.py).
-    written = yaml.safe_load(open("params.yaml"))  # merge keys (<<: *teacher) resolved
+    # Every default is written in params.yaml (once: an inheriting section takes the keys it does
+    # not set from its parent, meteor.params.INHERITS), so the values a stage uses are all tracked
+    # by DVC's `params:` and a changed default in meteor/params.py cannot silently change an output
+    # (why params.py may be left out of dvc.yaml deps: tests/test_dvc_deps.py).
+    written = resolve_inheritance(yaml.safe_load(open("params.yaml")))
     assert unwritten_fields(Params, written) == []
 
 
 def test_unwritten_fields_finds_a_missing_nested_key():
-    written = yaml.safe_load(open("params.yaml"))
+    written = resolve_inheritance(yaml.safe_load(open("params.yaml")))
     del written["refine"]["train"]["lora"]["r"]
     del written["judge"]
     assert unwritten_fields(Params, written) == ["judge", "refine.train.lora.r"]
 
 
 def test_shared_blocks_are_written_once():
-    raw = open("params.yaml").read()
-    assert "judge:\n  <<: *teacher\n" in raw and "    lora:\n      <<: *lora\n" in raw
+    raw = yaml.safe_load(open("params.yaml"))
+    for child, parent in INHERITS.items():
+        node = raw
+        for key in child.split("."):
+            node = node[key]
+        assert node == {}, f"{child} repeats {parent}: write only the keys that differ"
 
 
-def test_a_judge_key_overrides_the_merged_teacher_key(tmp_path):
-    path = tmp_path / "params.yaml"
-    path.write_text("teacher: &teacher\n  model: gpt-4o-mini\n  max_concurrency: 3\n"
-                    "judge:\n  <<: *teacher\n  model: gpt-4o\n")
-    p = load_params(path)
+def test_inheriting_sections_take_the_parent_keys_they_do_not_set(tmp_path):
+    p = load_params(write(tmp_path, {
+        "teacher": {"backend": "openai", "model": "gpt-4o-mini", "max_concurrency": 3,
+                    "prices": {"gpt-4o-mini": {"input": 1.0, "output": 2.0}}},
+        "judge": {"model": "gpt-4o"},
+        "sft": {"train": {"lora": {"r": 8, "alpha": 16}}},
+        "refine": {"train": {"lora": {"alpha": 8}}},
+    }))
     assert (p.teacher.model, p.judge.model) == ("gpt-4o-mini", "gpt-4o")
-    assert p.judge.max_concurrency == 3
+    assert p.judge.backend == "openai" and p.judge.max_concurrency == 3
+    assert p.judge.prices == p.teacher.prices
+    assert (p.refine.train.lora.r, p.refine.train.lora.alpha) == (8, 8)
+    assert (p.sft.train.lora.r, p.sft.train.lora.alpha) == (8, 16)
+    # an unknown key in the parent is reported where it is written and where it is inherited
+    with pytest.raises(ParamsError, match=r"teacher\.colour: unknown key"):
+        load_params(write(tmp_path, {"teacher": {"colour": "red"}}))
 
 
 def test_unknown_key_is_named(tmp_path):

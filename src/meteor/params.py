@@ -8,6 +8,7 @@ exactly those sections, so changing one re-runs only the stages that read it.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Literal
 
@@ -245,6 +246,48 @@ class RefineParams(Section):
     train: RefineTrainParams = Field(default_factory=RefineTrainParams)
 
 
+# A section that inherits every key it does not set from another, so params.yaml writes each shared
+# value once: the judge is the teacher unless told otherwise, and refine keeps training the sft
+# adapter, whose LoRA shape it must share. (YAML anchors / merge keys cannot do this: `dvc exp run
+# -S teacher.x=...` rewrites the file with every merged key copied into the child, so the override
+# silently skips the judge and the link is gone.) A stage reading a child must also list its parent
+# under `params:` in dvc.yaml (tests/test_dvc_deps.py checks it).
+INHERITS = {"judge": "teacher", "refine.train.lora": "sft.train.lora"}
+
+
+def _node(data: dict, dotted: str) -> dict | None:
+    for key in dotted.split("."):
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data if isinstance(data, dict) else None
+
+
+def resolve_inheritance(data: dict) -> dict:
+    """``data`` (a raw params mapping) with each :data:`INHERITS` child completed by its parent's
+    keys (the child's own keys win; a key's whole value is taken, e.g. a whole ``prices`` table)."""
+    if not isinstance(data, dict):
+        return data
+    data = copy.deepcopy(data)
+    for child, parent in INHERITS.items():
+        inherited = _node(data, parent)
+        if not inherited:
+            continue
+        *path, last = child.split(".")
+        node = data
+        for key in path:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            own = node.get(last)
+            if own is None:
+                own = {}
+            if isinstance(own, dict):
+                node[last] = {**copy.deepcopy(inherited), **own}
+    return data
+
+
 class Params(Section):
     scrape: ScrapeParams = Field(default_factory=ScrapeParams)
     student: StudentParams = Field(default_factory=StudentParams)
@@ -256,6 +299,11 @@ class Params(Section):
     distill: DistillParams = Field(default_factory=DistillParams)
     sft: SftParams = Field(default_factory=SftParams)
     refine: RefineParams = Field(default_factory=RefineParams)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inherit(cls, data):
+        return resolve_inheritance(data)
 
 
 class ParamsError(ValueError):
