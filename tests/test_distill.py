@@ -164,7 +164,9 @@ def test_budget_stop_exits_non_zero_then_resumes_from_the_cache(tmp_path, monkey
         teacher = {"backend": "openai", "model": "fake-model", "base_url": server.base_url,
                    "cache_dir": str(tmp_path / "cache"), "max_concurrency": 1,
                    "prices": expensive, "budget_usd": 1.0}
-        write_workdir(tmp_path, {"teacher": teacher, "distill": {"ablation_size": 2}})
+        offline_judge = {"backend": "offline", "model": "offline-reference"}  # else it inherits
+        write_workdir(tmp_path, {"teacher": teacher, "judge": offline_judge,
+                                 "distill": {"ablation_size": 2}})
         rc, rows, metrics = run_stage(tmp_path, monkeypatch)
         assert rc == 3  # DVC must not take a budget-stopped run as complete
         assert [r["id"] for r in rows] == [11, 12, 13, 14]
@@ -174,7 +176,8 @@ def test_budget_stop_exits_non_zero_then_resumes_from_the_cache(tmp_path, monkey
         assert metrics["teacher"]["calls"] == 1 and server.calls == 1
 
         teacher["budget_usd"] = None
-        write_workdir(tmp_path, {"teacher": teacher, "distill": {"ablation_size": 2}})
+        write_workdir(tmp_path, {"teacher": teacher, "judge": offline_judge,
+                                 "distill": {"ablation_size": 2}})
         rc, rows, metrics = run_stage(tmp_path, monkeypatch)
         assert rc == 0 and all(r["ok"] for r in rows)
         assert metrics["teacher"]["cache_hits"] >= 1  # the call paid for before is not repeated
