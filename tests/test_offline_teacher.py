@@ -179,8 +179,9 @@ def test_rouge_l_is_the_rouge_score_package_shared_with_evaluate():
     assert offline.rouge_l is rouge_l  # the offline teacher uses the shared function
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     pairs = [(TOKENIZER["answer"], TREE["answer"]), (TREE["answer"], TREE["answer"]),
-             ("Use cross-validation and limit max_depth.", TREE["answer"])]
-    for answer, reference in pairs:
+             ("Use cross-validation and limit max_depth.", TREE["answer"]),
+             ("Naïve Überfitting: the models' accuracies `max_depth=3`", "naive overfitting models")]
+    for answer, reference in pairs + pairs:  # twice: remembered tokens give the same scores
         expected = scorer.score(reference, answer)["rougeL"]
         got = rouge_l(answer, reference)
         assert (got.precision, got.recall, got.f1) == (expected.precision, expected.recall,
@@ -192,3 +193,19 @@ def test_rouge_l_is_the_rouge_score_package_shared_with_evaluate():
     assert short.precision == 1.0 and short.recall == pytest.approx(2 / 6)
     # rouge-score's tokens: case and punctuation do not count; the stemmer joins inflections.
     assert rouge_l("Overfitting, models!", "overfit model").f1 == 1.0
+
+
+def test_verdict_thresholds_on_the_bundled_corpus_accept_references_and_reject_junk():
+    from pathlib import Path
+
+    from meteor.params import ScrapeParams
+    from meteor.scrape.dump import scrape_dump
+
+    corpus = Path(__file__).resolve().parents[1] / "data/raw/Posts.xml"
+    records = scrape_dump(corpus, categories=ScrapeParams().categories).records[::8]  # 33 of 263
+    other = records[1:] + records[:1]  # another question's accepted answer: on topic, but wrong
+    accepted = [offline.judge_verdict(r, r["answer"]).correct for r in records]
+    wrong = [offline.judge_verdict(r, o["answer"]).correct for r, o in zip(records, other)]
+    echo = [offline.judge_verdict(r, r["title"] + "\n" + r["question"]).correct for r in records]
+    assert all(accepted)
+    assert sum(wrong) <= 0.05 * len(records) and not any(echo)
