@@ -11,8 +11,9 @@ functions stay two), and a block whose code itself contains a run of backticks g
 backtick longer than that run, so the fence cannot close early.
 
 Conversion is the costly part of reading a dump (a few ms per body), so it avoids two overheads of
-plain ``markdownify(html)`` while giving the same output: the converter (whose options and
-per-tag function cache markdownify rebuilds on every call) is built once, and the soup is built
+a fresh converter per call (what ``markdownify(html)`` does) while giving the same output: the
+converter (whose options and per-tag function cache markdownify rebuilds on every call) is built
+once, and the soup is built
 with a ``Tag`` whose ``find_parent`` is a plain walk up the tree (markdownify asks every tag for
 its ``<pre>`` ancestor, and bs4's generic search machinery made that ~15% of the time). bs4's
 ``lxml`` parser was measured too: slower than ``html.parser`` here (bs4's tree building, not the
