@@ -172,7 +172,8 @@ class GuidelineParams(Section):
 
 class DistillParams(Section):
     limit: int | None = Field(None, ge=1, description="Only the first N guidelines (debugging).")
-    ablation_size: int = Field(20, ge=0, description="Questions distilled with and without guideline.")
+    ablation_size: int = Field(20, ge=0, description="Questions distilled with and without "
+                               "guideline: the first ones whose guideline is not degenerate.")
     max_failed_fraction: float = Field(
         0.05, ge=0, le=1, description="Above this share of failed rows (or of ablation pairs that "
                                       "could not be compared) the stage writes its outputs and "
