@@ -128,13 +128,12 @@ def test_second_queued_experiment_makes_no_repeated_call(repo, capsys):
     with capsys.disabled():
         print(f"\nserver calls per queued experiment: {calls} (server saw {total})")
     assert sum(calls.values()) == total  # the stages' own counts agree with the server's
-    # 4 answers + 2 answers without guideline (ablation) + 4 judge scores (the other 4 score an
-    # answer identical to one already scored: cache hits within the run)
-    assert calls["first"] == 10
+    assert calls["first"] > 0
     assert calls["second"] == 0
-    hits = {k: exps["second"]["metrics"][k]["cache_hits"] for k in ("teacher", "judge")}
-    assert hits == {"teacher": 6, "judge": 8}
-    assert calls["inside-1"] == calls["inside-2"] == 10  # what the default location avoids
+    for section in ("teacher", "judge"):  # every request of the second was a cache hit
+        first, second = (exps[n]["metrics"][section] for n in ("first", "second"))
+        assert second["cache_hits"] == first["calls"] + first["cache_hits"] > 0
+    assert calls["inside-1"] == calls["inside-2"] == calls["first"]  # what the default avoids
     # DVC tracks the judge's values: the experiment's params hold the judge as written (inheriting)
     # and its teacher with the -S overrides.
     second = exps["second"]["params"]
