@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from meteor import ifd
-from meteor.prompts import format_question, reverse_question_messages, student_answer_messages
+from meteor.prompts import format_question, student_answer_messages
 from meteor.selection import DROP_REASONS, SelectionRules, build_pool, select, selection_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ def test_both_passes_score_the_same_separately_tokenised_answer(student):
 def test_reverse_prompt_shows_the_answer_and_hides_the_question(student):
     _, tok = student
     row = make_rows(1)[0]
-    messages = reverse_question_messages(row, row["answer"])
+    messages = ifd.reverse_question_messages(row, row["answer"])
     user = messages[-1]["content"]
     assert row["answer"] in user and "guess the question" in user.lower()
     assert row["title"] not in user and row["question"] not in user

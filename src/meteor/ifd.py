@@ -12,7 +12,7 @@ Conventions (read from the anchors' code, chat-templated through the student's o
   differently, so both are computed;
 * ``r_ifd = PPL(Q | reverse prompt containing A) / PPL(Q)`` (Selective Reflection-Tuning): the
   question text (:func:`meteor.prompts.format_question`) scored as the reply to
-  :func:`meteor.prompts.reverse_question_messages`, against the question after the minimal prefix.
+  :func:`reverse_question_messages`, against the question after the minimal prefix.
 
 The conditioned and direct passes of a score always score the *same* target token ids: the
 prompt and the target are tokenised separately and concatenated (the answer is never searched
@@ -48,12 +48,33 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from meteor.prompts import format_question, reverse_question_messages, student_answer_messages
+from meteor.prompts import field_of, format_question, student_answer_messages
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 PASSES = ("answer_conditioned", "answer_direct", "question_conditioned", "question_direct")
+
+
+# ------------------------------------------------------------------------------ reverse prompt
+def reverse_question_messages(question: dict, answer: str) -> list[dict]:
+    """Selective Reflection-Tuning's reverse prompt: given only the answer, guess the question.
+
+    r-IFD scores the question text (:func:`meteor.prompts.format_question`) as the reply to these
+    messages: the answer is shown, the question is not. Adapted from the published prompt ("Below
+    is the response to an instruction, please guess the corresponding instruction for the given
+    response. ... Generate the instruction for the above response.") to our title + body format.
+    It lives here, with the only stage that asks it, so editing it re-runs only ifd_select.
+    """
+    instruction = (
+        f"Below is the answer to a {field_of(question)} question. Guess the question it answers.\n\n"
+        f"Answer:\n{answer}\n\n"
+        "Write the question (its title and body) that the answer above responds to."
+    )
+    return [
+        {"role": "system", "content": f"You are an expert in {field_of(question)}."},
+        {"role": "user", "content": instruction},
+    ]
 
 
 # ------------------------------------------------------------------------------------ encoding

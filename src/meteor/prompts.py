@@ -252,23 +252,3 @@ def selfee_chain(answers: list[str], feedbacks: list[str], closing_feedback: str
     closing = f"{closing_feedback.strip()}\n" if closing_feedback and closing_feedback.strip() else ""
     parts.append(f"{SELFEE_FEEDBACK.format(n=len(answers))}\n{closing}{REVISION_NOT_NEEDED}")
     return "\n\n".join(parts)
-
-
-# ------------------------------------------------------------- reverse prompt (r-IFD, ifd_select)
-def reverse_question_messages(question: dict, answer: str) -> list[dict]:
-    """Selective Reflection-Tuning's reverse prompt: given only the answer, guess the question.
-
-    r-IFD scores the question text (:func:`format_question`) as the reply to these messages, so the
-    answer is shown and the question is not. Adapted from the published prompt ("Below is the
-    response to an instruction, please guess the corresponding instruction for the given
-    response. ... Generate the instruction for the above response.") to our title + body format.
-    """
-    instruction = (
-        f"Below is the answer to a {field_of(question)} question. Guess the question it answers.\n\n"
-        f"Answer:\n{answer.strip()}\n\n"
-        "Write the question (its title and body) that the answer above responds to."
-    )
-    return [
-        {"role": "system", "content": f"You are an expert in {field_of(question)}."},
-        {"role": "user", "content": instruction},
-    ]
