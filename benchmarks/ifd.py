@@ -58,8 +58,9 @@ def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
 def untrained_student():
     params = BaseParams()
     tokenizer = train_tokenizer([" ".join(WORDS)] * 50, vocab_size=params.vocab_size)
-    config = tiny_llama_config(tokenizer, hidden_size=params.hidden_size, num_layers=params.num_layers,
-                               num_heads=params.num_heads, intermediate_size=params.intermediate_size,
+    config = tiny_llama_config(tokenizer, hidden_size=params.hidden_size,
+                               num_layers=params.num_layers, num_heads=params.num_heads,
+                               intermediate_size=params.intermediate_size,
                                max_seq_len=params.max_seq_len)
     return build_tiny_model(config, seed=0).eval(), tokenizer
 

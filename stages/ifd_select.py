@@ -117,8 +117,9 @@ def main() -> None:
     empty = [c for c in chunks if not any(selection.chunk[i] == c for i in selection.kept_indices)]
     if empty:
         log.warning("chunks with no row kept: %s", empty)
-    log.info("kept %d of %d rows (%s) in %d chunks -> %s; scoring %.1fs", len(selection.kept_indices),
-             len(rows), metrics["kept_by_source"], len(chunks), OUT_DIR, scoring_seconds)
+    log.info("kept %d of %d rows (%s) in %d chunks -> %s; scoring %.1fs",
+             len(selection.kept_indices), len(rows), metrics["kept_by_source"], len(chunks),
+             OUT_DIR, scoring_seconds)
 
 
 if __name__ == "__main__":

@@ -145,7 +145,8 @@ def test_truncation_is_the_same_in_both_passes(student, max_seq_len):
         full_answer = tok(row["answer"], add_special_tokens=False)["input_ids"]
         full_question = tok(format_question(row), add_special_tokens=False)["input_ids"]
         assert enc.answer == tuple(full_answer[:len(enc.answer)])  # the start of the answer
-        assert len(enc.answer) == min(len(full_answer), max(0, max_seq_len - len(enc.answer_prompt)))
+        budget = max(0, max_seq_len - len(enc.answer_prompt))
+        assert len(enc.answer) == min(len(full_answer), budget)
         assert enc.question == tuple(full_question[:len(enc.question)])
         for prefix, target in enc.sequences():  # a sequence with no target is never run
             assert not target or len(prefix) + len(target) <= max_seq_len
@@ -205,7 +206,8 @@ def test_merged_adapter_scores_like_the_adapter(student):
     from peft import LoraConfig, get_peft_model
 
     model, tok = student
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    peft_model = get_peft_model(copy.deepcopy(model), config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
@@ -251,10 +253,13 @@ def test_identical_sequences_are_scored_once(student):
     model.forward = counting
     try:
         row = make_rows(1)[0]
-        (a, b) = ifd.score_rows(model, tok, [row, dict(row)], max_seq_len=512, batch_size=16)
+        done = []
+        (a, b) = ifd.score_rows(model, tok, [row, dict(row)], max_seq_len=512, batch_size=16,
+                                progress=done.append)
     finally:
         del model.forward
     assert sum(calls) == 4  # two identical rows: four unique sequences
+    assert sum(done) == 8  # progress counts every requested sequence
     assert a == b and math.isfinite(a.r_ifd)
 
 
@@ -313,10 +318,12 @@ def test_top_fraction_per_chunk_keeps_the_highest_ifd_in_pool_order():
 
 
 def test_chunk_by_source():
-    rows = [scored(i, s, 0.1 * (i + 1), category="ML") for i in range(4) for s in ("distilled", "refined")]
+    rows = [scored(i, s, 0.1 * (i + 1), category="ML")
+            for i in range(4) for s in ("distilled", "refined")]
     sel = select(rows, SelectionRules(chunk_by="source", per_question="both", fraction=0.5))
     assert set(sel.chunk) == {"distilled", "refined"}
-    assert kept_keys(rows, sel) == [(2, "distilled"), (2, "refined"), (3, "distilled"), (3, "refined")]
+    assert kept_keys(rows, sel) == [(2, "distilled"), (2, "refined"),
+                                    (3, "distilled"), (3, "refined")]
 
 
 def test_ties_are_broken_by_id_whatever_the_row_order():
@@ -337,7 +344,8 @@ def test_metrics_count_every_row_once():
         r.update(ifd_loss=r["ifd"], ifd_ppl=r["ifd"])
     sel = select(rows, SelectionRules(min_answer_tokens=8))
     m = selection_metrics(rows, sel)
-    assert m["pool"] == 4 and m["kept"] == 2 and m["kept_by_source"] == {"distilled": 1, "refined": 1}
+    assert m["pool"] == 4 and m["kept"] == 2
+    assert m["kept_by_source"] == {"distilled": 1, "refined": 1}
     assert m["kept"] + sum(m["dropped"].values()) == m["pool"]
     assert set(m["dropped"]) == set(DROP_REASONS)
     assert m["chunks"]["DL"]["dropped"]["ifd_at_least_max"] == 1
@@ -345,8 +353,10 @@ def test_metrics_count_every_row_once():
 
 
 def test_pool_joins_questions_and_skips_rows_without_an_answer():
-    questions = [{"id": 1, "category": "ML", "title": "T1", "question": "Q1", "answer": "SO answer"},
-                 {"id": 2, "category": "CV", "title": "T2", "question": "Q2", "answer": "SO answer"}]
+    questions = [
+        {"id": 1, "category": "ML", "title": "T1", "question": "Q1", "answer": "SO answer"},
+        {"id": 2, "category": "CV", "title": "T2", "question": "Q2", "answer": "SO answer"},
+    ]
     distilled = [{"id": 1, "answer": " teacher 1 ", "ok": True},
                  {"id": 2, "answer": None, "ok": False}]
     refined = [{"id": 1, "final_answer": "student 1", "source": "student"},
@@ -370,8 +380,9 @@ def test_stage_writes_chunks_scores_metrics_and_histogram(tiny_model_dir, tmp_pa
     distilled[0] = {**distilled[0], "ok": False, "answer": None}
     refined = [{"id": q["id"], "final_answer": q["answer"] if i % 2 else q["answer"] + " indeed",
                 "source": "teacher" if i % 2 else "student"} for i, q in enumerate(questions)]
-    (tmp_path / "data" / "distilled.jsonl").write_text("".join(json.dumps(r) + "\n" for r in distilled))
-    (tmp_path / "data" / "refined.jsonl").write_text("".join(json.dumps(r) + "\n" for r in refined))
+    for name, rows in (("distilled", distilled), ("refined", refined)):
+        lines = "".join(json.dumps(r) + "\n" for r in rows)
+        (tmp_path / "data" / f"{name}.jsonl").write_text(lines)
     shutil.copytree(tiny_model_dir, tmp_path / "models" / "scorer")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"ifd_select": {
         "model": "models/scorer", "max_ifd": 10.0, "min_answer_tokens": 2, "fraction": 0.5,
@@ -380,10 +391,12 @@ def test_stage_writes_chunks_scores_metrics_and_histogram(tiny_model_dir, tmp_pa
 
     runpy.run_path(str(ROOT / "stages" / "ifd_select.py"), run_name="__main__")
     metrics = json.loads((tmp_path / "metrics" / "ifd.json").read_text())
-    scores = [json.loads(x) for x in (tmp_path / "data" / "ifd_scores.jsonl").read_text().splitlines()]
+    scores = [json.loads(x)
+              for x in (tmp_path / "data" / "ifd_scores.jsonl").read_text().splitlines()]
     assert len(scores) == metrics["pool"] == 15  # one distilled row not ok
     assert metrics["rows_skipped"]["distilled"]["not_ok"] == 1
-    assert metrics["dropped"]["duplicate"] == 4  # refined rows 1, 3, 5, 7 repeat the distilled answer
+    # refined rows 1, 3, 5, 7 repeat their distilled answer
+    assert metrics["dropped"]["duplicate"] == 4
     assert metrics["kept"] + sum(metrics["dropped"].values()) == metrics["pool"]
     files = sorted(p.name for p in (tmp_path / "data" / "selected").iterdir())
     assert files == sorted(f"{c}.jsonl" for c in metrics["chunks"])

@@ -42,6 +42,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -67,7 +68,8 @@ def reverse_question_messages(question: dict, answer: str) -> list[dict]:
     It lives here, with the only stage that asks it, so editing it re-runs only ifd_select.
     """
     instruction = (
-        f"Below is the answer to a {field_of(question)} question. Guess the question it answers.\n\n"
+        f"Below is the answer to a {field_of(question)} question. "
+        "Guess the question it answers.\n\n"
         f"Answer:\n{answer}\n\n"
         "Write the question (its title and body) that the answer above responds to."
     )
@@ -191,7 +193,8 @@ def target_losses(model, sequences: Sequence[tuple[Sequence[int], Sequence[int]]
     ``(prefix ids, target ids)`` sequence; ``(nan, 0)`` for an empty target.
 
     Identical sequences are scored once; the rest are sorted by length (longest first) into
-    batches of ``batch_size``. ``progress(n)`` is called with the number of sequences done.
+    batches of ``batch_size``. ``progress(n)`` is called with the number of input sequences done
+    (duplicates and empty targets included, so the calls add up to ``len(sequences)``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -201,7 +204,10 @@ def target_losses(model, sequences: Sequence[tuple[Sequence[int], Sequence[int]]
     for i, (prefix, _) in enumerate(keys):
         if not prefix:
             raise ValueError(f"sequence {i} has no prefix: its first target token has no context")
-    unique = sorted({k for k in keys if k[1]}, key=lambda k: (-(len(k[0]) + len(k[1])), k))
+    multiplicity = Counter(keys)
+    unique = sorted((k for k in multiplicity if k[1]), key=lambda k: (-(len(k[0]) + len(k[1])), k))
+    if progress is not None:
+        progress(sum(n for k, n in multiplicity.items() if not k[1]))
     device = next(model.parameters()).device
     keep_logits = padding_side == "left" and supports_logits_to_keep(model)
     results: dict[tuple, tuple[float, int]] = {}
@@ -228,7 +234,7 @@ def target_losses(model, sequences: Sequence[tuple[Sequence[int], Sequence[int]]
         for key, total, n in zip(batch, sums, counts):
             results[key] = (total / n, n)
         if progress is not None:
-            progress(len(batch))
+            progress(sum(multiplicity[k] for k in batch))
     return [results[k] if k[1] else (math.nan, 0) for k in keys]
 
 

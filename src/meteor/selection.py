@@ -144,7 +144,8 @@ def select(rows: Sequence[dict], rules: SelectionRules) -> Selection:
                 by_id.setdefault(_id_key(row["id"]), []).append(i)
         for versions in by_id.values():
             # lowest IFD wins; on a tie the distilled version (source order)
-            best = min(versions, key=lambda i: (rows[i]["ifd"], source_rank.get(rows[i]["source"], 99)))
+            best = min(versions,
+                       key=lambda i: (rows[i]["ifd"], source_rank.get(rows[i]["source"], 99)))
             for i in versions:
                 if i != best:
                     reason[i] = "other_version_kept"
@@ -166,7 +167,8 @@ def select(rows: Sequence[dict], rules: SelectionRules) -> Selection:
 def quantiles(values: Sequence[float]) -> dict[str, float | int | None]:
     """Quantiles and mean of the finite values, and how many values were not finite."""
     finite = np.array([v for v in values if _finite(v)], dtype=float)
-    out: dict[str, float | int | None] = {"n": len(finite), "n_not_finite": len(values) - len(finite)}
+    out: dict[str, float | int | None] = {"n": len(finite),
+                                          "n_not_finite": len(values) - len(finite)}
     for name, q in QUANTILES.items():
         out[name] = round(float(np.quantile(finite, q)), 6) if len(finite) else None
     out["mean"] = round(float(finite.mean()), 6) if len(finite) else None
@@ -221,7 +223,8 @@ def plot_histogram(rows: Sequence[dict], path, *, score_name: str, max_ifd: floa
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    values = {s: [r["ifd"] for r in rows if r["source"] == s and _finite(r["ifd"])] for s in SOURCES}
+    values = {s: [r["ifd"] for r in rows if r["source"] == s and _finite(r["ifd"])]
+              for s in SOURCES}
     finite = [v for vs in values.values() for v in vs]
     bins = np.linspace(min(finite), max(finite), 31) if finite else 30
     if finite and bins[0] == bins[-1]:
