@@ -216,15 +216,18 @@ def target_losses(model, sequences: Sequence[tuple[Sequence[int], Sequence[int]]
         tensors = _batch_tensors(batch, pad_token_id, padding_side)
         labels = tensors.pop("labels")
         kwargs = {k: v.to(device) for k, v in tensors.items()}
-        first = 0
+        width = labels.shape[1]
         if keep_logits:
-            # Left padding aligns every target to the end: keep only the columns that predict one.
-            keep = max(len(t) for _, t in batch) + 1
-            first = labels.shape[1] - keep
-            kwargs["logits_to_keep"] = keep
-        logits = model(**kwargs, use_cache=False).logits
-        predicted = labels[:, first + 1:].to(device)
-        scores = logits[:, :-1].float()
+            # Left padding aligns every target to the end: project to the vocabulary only the
+            # positions that predict a target token (the last position predicts nothing).
+            n = max(len(t) for _, t in batch)
+            kwargs["logits_to_keep"] = torch.arange(width - 1 - n, width - 1, device=device)
+            logits = model(**kwargs, use_cache=False).logits
+            predicted = labels[:, width - n:].to(device)
+        else:
+            logits = model(**kwargs, use_cache=False).logits[:, :-1]
+            predicted = labels[:, 1:].to(device)
+        scores = logits.float()
         token_loss = F.cross_entropy(scores.reshape(-1, scores.shape[-1]), predicted.reshape(-1),
                                      ignore_index=IGNORE_INDEX, reduction="none")
         token_loss = token_loss.view(predicted.shape)
