@@ -412,3 +412,13 @@ def test_stage_writes_chunks_scores_metrics_and_histogram(tiny_model_dir, tmp_pa
     first = {p.name: p.read_bytes() for p in (tmp_path / "data" / "selected").iterdir()}
     runpy.run_path(str(ROOT / "stages" / "ifd_select.py"), run_name="__main__")
     assert first == {p.name: p.read_bytes() for p in (tmp_path / "data" / "selected").iterdir()}
+
+
+def test_bad_params_name_the_key(tmp_path):
+    from meteor.params import ParamsError, load_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"ifd_select": {"fraction": 0, "score": "r_ifd"}}))
+    with pytest.raises(ParamsError) as e:
+        load_params(path)
+    assert "ifd_select.fraction" in str(e.value) and "ifd_select.score" in str(e.value)
