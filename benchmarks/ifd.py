@@ -171,8 +171,9 @@ def main() -> None:
     reference_s = time.perf_counter() - start
 
     start = time.perf_counter()
+    stats: dict = {}
     ours = score_rows(model, tokenizer, rows, max_seq_len=args.max_seq_len,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, stats=stats)
     sync(args.device)
     ours_s = time.perf_counter() - start
 
@@ -191,7 +192,9 @@ def main() -> None:
           f"{len(rows) / reference_s:8.2f} rows/s")
     print(f"batched (batch {args.batch_size:>3}, meteor.ifd):   {ours_s:7.2f} s  "
           f"{len(rows) / ours_s:8.2f} rows/s")
-    print(f"speed-up: {reference_s / ours_s:.1f}x")
+    print(f"speed-up: {reference_s / ours_s:.1f}x  ({stats['unique_sequences']} of "
+          f"{stats['sequences']} sequences run, {stats['tokens']} tokens, "
+          f"{stats['tokens'] / ours_s:.0f} tokens/s batched)")
 
 
 if __name__ == "__main__":

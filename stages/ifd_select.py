@@ -77,9 +77,10 @@ def main() -> None:
                          "length; set one")
 
     score_start = time.perf_counter()
+    passes: dict = {}
     with tqdm(total=len(pool) * len(PASSES), desc="ifd passes", unit="seq") as bar:
         scores = score_rows(model, tokenizer, pool, max_seq_len=max_seq_len,
-                            batch_size=p.batch_size, progress=bar.update)
+                            batch_size=p.batch_size, progress=bar.update, stats=passes)
     scoring_seconds = time.perf_counter() - score_start
 
     rows = [{**row, "ifd": getattr(s, p.score), **s.as_dict()} for row, s in zip(pool, scores)]
@@ -109,6 +110,7 @@ def main() -> None:
         "answers_truncated": sum(r["answer_tokens"] < r["answer_tokens_total"] for r in rows),
         "questions_truncated": sum(r["question_tokens"] < r["question_tokens_total"] for r in rows),
         "device": device,
+        "passes": passes,  # sequences requested / run once each, tokens fed to the scorer
         "scoring_seconds": round(scoring_seconds, 1),
         "rows_per_second": round(len(rows) / scoring_seconds, 1) if scoring_seconds else None,
         "seconds": round(time.perf_counter() - start, 1),

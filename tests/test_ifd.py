@@ -253,13 +253,14 @@ def test_identical_sequences_are_scored_once(student):
     model.forward = counting
     try:
         row = make_rows(1)[0]
-        done = []
+        done, stats = [], {}
         (a, b) = ifd.score_rows(model, tok, [row, dict(row)], max_seq_len=512, batch_size=16,
-                                progress=done.append)
+                                progress=done.append, stats=stats)
     finally:
         del model.forward
     assert sum(calls) == 4  # two identical rows: four unique sequences
     assert sum(done) == 8  # progress counts every requested sequence
+    assert stats["sequences"] == 8 and stats["unique_sequences"] == 4
     assert a == b and math.isfinite(a.r_ifd)
 
 

@@ -188,13 +188,16 @@ def _batch_tensors(batch: list[tuple[Sequence[int], Sequence[int]]], pad_token_i
 @torch.inference_mode()
 def target_losses(model, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                   batch_size: int, pad_token_id: int, padding_side: str = "left",
-                  progress: Callable[[int], None] | None = None) -> list[tuple[float, int]]:
+                  progress: Callable[[int], None] | None = None,
+                  stats: dict | None = None) -> list[tuple[float, int]]:
     """``(mean token cross-entropy of the target, target token count)`` of each
     ``(prefix ids, target ids)`` sequence; ``(nan, 0)`` for an empty target.
 
     Identical sequences are scored once; the rest are sorted by length (longest first) into
     batches of ``batch_size``. ``progress(n)`` is called with the number of input sequences done
     (duplicates and empty targets included, so the calls add up to ``len(sequences)``).
+    ``stats``, when given, receives what was run: sequences requested and unique, tokens and
+    padded tokens fed to the model.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -211,6 +214,7 @@ def target_losses(model, sequences: Sequence[tuple[Sequence[int], Sequence[int]]
     device = next(model.parameters()).device
     keep_logits = padding_side == "left" and supports_logits_to_keep(model)
     results: dict[tuple, tuple[float, int]] = {}
+    tokens = padded = 0
     for start in range(0, len(unique), batch_size):
         batch = unique[start:start + batch_size]
         tensors = _batch_tensors(batch, pad_token_id, padding_side)
@@ -238,6 +242,11 @@ def target_losses(model, sequences: Sequence[tuple[Sequence[int], Sequence[int]]
             results[key] = (total / n, n)
         if progress is not None:
             progress(sum(multiplicity[k] for k in batch))
+        tokens += sum(len(p) + len(t) for p, t in batch)
+        padded += labels.numel()
+    if stats is not None:
+        stats.update(sequences=len(keys), unique_sequences=len(unique), tokens=tokens,
+                     padded_tokens=padded)
     return [results[k] if k[1] else (math.nan, 0) for k in keys]
 
 
@@ -292,8 +301,10 @@ def scores_from_losses(encoding: RowEncoding, losses: Sequence[tuple[float, int]
 
 def score_rows(model, tokenizer, rows: Sequence[dict], *, max_seq_len: int, batch_size: int,
                padding_side: str = "left", answer_key: str = "answer",
-               progress: Callable[[int], None] | None = None) -> list[RowScores]:
-    """IFD, r-IFD and their raw losses for each row (a question record carrying ``answer_key``)."""
+               progress: Callable[[int], None] | None = None,
+               stats: dict | None = None) -> list[RowScores]:
+    """IFD, r-IFD and their raw losses for each row (a question record carrying ``answer_key``);
+    ``progress`` and ``stats`` as in :func:`target_losses`."""
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token")
     prefix = minimal_prefix_ids(tokenizer)
@@ -301,7 +312,7 @@ def score_rows(model, tokenizer, rows: Sequence[dict], *, max_seq_len: int, batc
     sequences = [s for e in encodings for s in e.sequences()]
     losses = target_losses(model, sequences, batch_size=batch_size,
                            pad_token_id=tokenizer.pad_token_id, padding_side=padding_side,
-                           progress=progress)
+                           progress=progress, stats=stats)
     n = len(PASSES)
     return [scores_from_losses(e, losses[i * n:(i + 1) * n]) for i, e in enumerate(encodings)]
 

@@ -229,8 +229,10 @@ def plot_histogram(rows: Sequence[dict], path, *, score_name: str, max_ifd: floa
     bins = np.linspace(min(finite), max(finite), 31) if finite else 30
     if finite and bins[0] == bins[-1]:
         bins = 30
-    for source, vs in values.items():
-        ax.hist(vs, bins=bins, alpha=0.55, label=f"{source} (n={len(vs)})")
+    for (source, vs), style in zip(values.items(), ("-", "--")):
+        # outlines, not filled bars: identical distributions stay visible on top of each other
+        ax.hist(vs, bins=bins, histtype="step", linewidth=1.5, linestyle=style,
+                label=f"{source} (n={len(vs)})")
     ax.axvline(max_ifd, color="black", linestyle="--", linewidth=1, label=f"max_ifd = {max_ifd:g}")
     ax.set_xlabel(f"IFD ({score_name})")
     ax.set_ylabel("rows")
