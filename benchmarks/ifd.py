@@ -147,7 +147,9 @@ def main() -> None:
 
         pool, _ = build_pool(read_jsonl("data/distilled.jsonl"), read_jsonl("data/refined.jsonl"),
                              read_jsonl("data/scraped/train.jsonl"))
-        rows, source = pool[:args.rows], "the stage's pool"
+        ids = list(dict.fromkeys(r["id"] for r in pool))[:max(1, args.rows // 2)]
+        rows = [r for r in pool if r["id"] in set(ids)]  # both versions of each question
+        source = "the stage's pool (distilled and refined versions)"
     elif Path("data/distilled.jsonl").exists():
         rows = [r for r in read_jsonl("data/distilled.jsonl") if r.get("answer")][:args.rows]
         source = "data/distilled.jsonl"
