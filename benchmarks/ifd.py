@@ -16,7 +16,7 @@ The scorer is models/base when it exists, else an untrained student of the defau
 synthetic questions and answers of mixed lengths. ``--random-0.5b`` scores with a randomly
 initialised Qwen2-0.5B-shaped model instead (for an accelerator: ``--device cuda``).
 
-Run:  python benchmarks/ifd.py [--rows 24] [--batch-size 16] [--max-seq-len 512] [--device cpu]
+Run:  python benchmarks/ifd.py [--rows 24] [--batch-size 8] [--max-seq-len 512] [--device cpu]
       python benchmarks/ifd.py --random-0.5b --device cuda --rows 64 --batch-size 32
 """
 
@@ -123,7 +123,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="models/base", help="scorer dir (fallback: untrained)")
     parser.add_argument("--rows", type=int, default=24)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seq-len", type=int, default=512)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--pool", action="store_true",

@@ -36,7 +36,7 @@ TINY_PARAMS = {
                "train": {"max_steps": 2, "batch_size": 2, "max_seq_len": 512,
                          "lora": {"r": 4, "alpha": 8}}},
     # an almost untrained scorer: keep rows whatever their IFD, so that every chunk has data
-    "ifd_select": {"batch_size": 8, "max_ifd": 10.0, "min_answer_tokens": 2},
+    "ifd_select": {"max_ifd": 10.0, "min_answer_tokens": 2},
 }
 
 

@@ -261,8 +261,8 @@ class IfdSelectParams(Section):
     max_seq_len: int | None = Field(
         None, ge=8, description="Truncate scored sequences to this many tokens; null: the "
         "scorer's context length.")
-    batch_size: int = Field(16, ge=1, description="Sequences per forward pass (scores do not "
-                            "depend on it).")
+    batch_size: int = Field(8, ge=1, description="Sequences per forward pass (scores do not "
+                            "depend on it; on a CPU small batches are faster, on a GPU larger).")
 
 
 class Params(Section):
