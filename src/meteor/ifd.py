@@ -30,7 +30,8 @@ A target with no tokens left (an empty answer, or a prompt longer than the conte
 loss: its scores are NaN, for the selection to drop and count.
 
 Scoring is batched: all sequences of all rows are de-duplicated (the distilled and refined versions
-of a question share their question passes), sorted by length, padded with an attention mask and
+of a question share their question-alone pass, and everything when the answers are the same),
+sorted by length, padded with an attention mask and
 explicit position ids (so left padding does not shift positions), and the loss is computed in
 float32 on the target tokens only. Only the positions that predict a target token are projected
 to the vocabulary when the model supports ``logits_to_keep``. Scores do not depend on the batch
@@ -244,6 +245,8 @@ def target_losses(model, sequences: Sequence[tuple[Sequence[int], Sequence[int]]
             progress(sum(multiplicity[k] for k in batch))
         tokens += sum(len(p) + len(t) for p, t in batch)
         padded += labels.numel()
+    log.info("scored %d unique of %d sequences: %d tokens (%d with padding)", len(unique),
+             len(keys), tokens, padded)
     if stats is not None:
         stats.update(sequences=len(keys), unique_sequences=len(unique), tokens=tokens,
                      padded_tokens=padded)
