@@ -42,7 +42,7 @@ from meteor.refine import NOT_OK, NO_ANSWER, SKIP_REASONS, TEACHER_ERROR, refine
 from meteor.student.load import load_student
 from meteor.teacher import make_teacher
 from meteor.training import make_trainable, save_trained
-from meteor.utils import seed_everything, setup_logging
+from meteor.utils import reproducibility_info, seed_everything, setup_logging
 
 SFT_DIR = Path("models/sft")
 DISTILLED = Path("data/distilled.jsonl")
@@ -67,7 +67,9 @@ def main() -> int:
     model, tokenizer = load_student(SFT_DIR, dtype=params.student.dtype,
                                     trust_remote_code=params.student.trust_remote_code,
                                     adapter_trainable=True)
-    model = make_trainable(model, refine_params.train.lora, seed=refine_params.train.seed)
+    # refine continues the sft adapter: refine.train.lora must describe it (checked, named).
+    model = make_trainable(model, refine_params.train.lora, seed=refine_params.train.seed,
+                           key="refine.train.lora")
     teacher = make_teacher(params.teacher)
     # No git side effects: the DVC stage, not DVCLive, records the experiment.
     live = Live(dir=str(LOG_DIR), save_dvc_exp=False, dvcyaml=None)
@@ -92,6 +94,7 @@ def main() -> int:
         "feedback": refine_params.feedback,
         "keep_failed": refine_params.keep_failed,
         "seconds": round(time.perf_counter() - start, 1),
+        "reproducibility": reproducibility_info(),
     }
     write_json(METRICS, metrics)
     log.info("%d questions: pass rate by iteration %s, %d updates (%d optimiser steps, %d rows "
