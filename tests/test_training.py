@@ -368,6 +368,9 @@ def test_sft_stage_writes_adapter_metrics_and_curve(tiny_model_dir, tmp_path, mo
     assert metrics["rows_in"] == 7
     assert metrics["rows_skipped"] == {"not_ok": 1, "no_answer": 0, "no_question": 0}
     assert metrics["final_loss"] < metrics["first_loss"]
+    # Every example fits max_seq_len whole, so every one trains on its end-of-turn token.
+    assert metrics["examples_with_eos"] == 6 and metrics["examples_with_eos_share"] == 1.0
+    assert metrics["reproducibility"]["torch"] == torch.__version__
     assert (tmp_path / "models" / "sft" / "adapter_model.safetensors").exists()
     assert (tmp_path / "models" / "sft" / "tokenizer.json").exists()
     assert not list((tmp_path / "models").glob(".sft*"))  # no temporary dir left behind
