@@ -13,8 +13,8 @@ chain) and what ``refine.keep_failed`` does. Generation uses params ``generation
 ``refine.max_new_tokens``.
 
 Writes data/refined.jsonl (one row per question in question order: {id, category, title,
-question, attempts: [{iteration, answer, chain, verdict, error, feedback}], final_answer, source, passed,
-passed_at, outcome, error, stopped_by_context, update}), models/refine/ (adapter + tokenizer),
+question, attempts: [{iteration, answer, chain, verdict, error, feedback}], final_answer, source,
+passed, passed_at, outcome, error, stopped_by_context, update}), models/refine/ (adapter + tokenizer),
 metrics/refine.json (pass rate after each iteration, outcomes, updates, optimiser steps, examples
 trained and the share that kept their end-of-turn token, teacher calls / cache hits / failures /
 cost, what determines bitwise results) and the loss curve of all updates under

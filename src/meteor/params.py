@@ -257,7 +257,9 @@ class RefineParams(Section):
                                  "default keeps in-loop updates happening when the student rarely "
                                  "passes (the tiny student against the offline teacher).")
     limit: int | None = Field(None, ge=1, description="Only the first N questions (debugging).")
-    max_new_tokens: int = Field(160, ge=1)
+    max_new_tokens: int = Field(
+        128, ge=1, description="Per answer, revision or self-critique (generation's default; "
+                               "kept at it to pay for the 1024-token training examples).")
     train: RefineTrainParams = Field(default_factory=RefineTrainParams)
 
 

@@ -302,7 +302,7 @@ class Refiner:
         self.context = context_length(model)
         self.live = live  # an open dvclive.Live: all updates log into one loss curve
         self.updates: list[dict] = []
-        self.session: TrainSession | None = None  # one Accelerator for every update, made at the first
+        self.session: TrainSession | None = None  # one Accelerator for all updates (made lazily)
         self.generations = 0
         self.empty_answers = 0
         self.empty_self_feedback = 0

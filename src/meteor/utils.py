@@ -99,8 +99,8 @@ def reproducibility_info() -> dict:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch so runs are bit-for-bit repeatable (:func:`configure_determinism`
-    fixes threads and kernels first).
+    """Seed Python, NumPy and torch so runs are bit-for-bit repeatable
+    (:func:`configure_determinism` fixes threads and kernels first).
 
     The string-hash seed cannot be set from inside a running process, so nothing saved may depend
     on the iteration order of a set of strings (see ``meteor.training.lora._sort_target_modules``)."""

@@ -35,8 +35,8 @@ def _torch_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
 
 
 def default_device() -> torch.device:
-    """The device accelerate trains on in this process: ``cuda:<LOCAL_RANK>`` when CUDA is available,
-    else Apple's ``mps``, else the CPU; ``ACCELERATE_USE_CPU`` (``accelerate launch --cpu``) forces
+    """The device accelerate trains on in this process: ``cuda:<LOCAL_RANK>`` when CUDA is
+    available, else Apple's ``mps``, else the CPU; ``ACCELERATE_USE_CPU`` (``accelerate launch --cpu``) forces
     the CPU. Loading the student there means generation before, between and after training runs
     on the same device as training, and ``Accelerator.prepare`` has nothing left to move."""
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
@@ -114,7 +114,8 @@ def load_student(
     adapter_dir = Path(name_or_path)
     target = default_device() if device == "auto" else device
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
-        model, tokenizer = _load_plain(name_or_path, revision, dtype, trust_remote_code, allow_download)
+        model, tokenizer = _load_plain(name_or_path, revision, dtype, trust_remote_code,
+                                       allow_download)
         if target is not None:
             model.to(target)
         model.eval()

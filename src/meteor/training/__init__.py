@@ -10,6 +10,6 @@ from meteor.training.session import TrainSession
 
 __all__ = [
     "IGNORE_INDEX", "EncodedData", "EncodedExample", "LengthGroupedBatchSampler", "PadCollator",
-    "RandomBatchSampler", "TrainResult", "TrainSession", "answer_examples", "encode_examples", "make_trainable",
-    "question_answer_example", "save_trained", "train",
+    "RandomBatchSampler", "TrainResult", "TrainSession", "answer_examples", "encode_examples",
+    "make_trainable", "question_answer_example", "save_trained", "train",
 ]
