@@ -46,7 +46,7 @@ TINY = {
     "generation": {"batch_size": 8, "max_new_tokens": 12},
     "guideline": {"max_new_tokens": 12, "limit": 10},
     "distill": {"limit": 8, "ablation_size": 4},
-    "sft": {"train": {"epochs": 1, "batch_size": 4, "max_seq_len": 512,
+    "sft": {"train": {"epochs": 2, "batch_size": 4, "max_seq_len": 512,
                       "lora": {"r": 4, "alpha": 8}}},
     "refine": {"limit": 4, "fine_tune_interval": 2, "max_iterations": 2, "max_new_tokens": 8,
                "train": {"epochs": 2, "batch_size": 1, "max_seq_len": 512,
@@ -76,17 +76,18 @@ ALTERNATIVES: dict[str, typing.Any] = {
     "judge.backend": {"judge.backend": "local", "judge.model": EXTERNAL_MODEL,
                       "judge.max_tokens": 8},
     "guideline.limit": 3,
-    "sft.train.max_steps": 2,
+    "sft.train.max_steps": 3,
     "sft.train.warmup_ratio": 1.0,
     "sft.train.weight_decay": 0.1,
     "sft.train.max_grad_norm": 1e-4,
-    "sft.train.max_seq_len": 256,
+    "sft.train.max_seq_len": 400,  # prompts are ~270-420 tokens: cuts some, drops one
     "sft.train.lora.target_modules": ["q_proj", "v_proj"],
     "refine.train.max_steps": 3,
     "refine.train.warmup_ratio": 0.5,
     "refine.train.weight_decay": 0.1,
     "refine.train.max_grad_norm": 1e-4,
-    "refine.train.max_seq_len": 256,
+    "refine.train.max_seq_len": 400,
+    "refine.max_new_tokens": 2,  # the tiny student stops by itself after a few tokens
     "refine.train.lora.target_modules": ["q_proj", "v_proj"],
 }
 for section in ("teacher", "judge"):
@@ -269,7 +270,7 @@ def test_every_declared_param_changes_outputs_or_is_refused(baseline, tmp_path, 
     silent, stale_allowed = [], []
     for n, (key, stages) in enumerate(sorted(declared().items())):
         changed = copy.deepcopy(params)
-        for k, v in alternative(key, get(params, k)).items():
+        for k, v in alternative(key, get(params, key)).items():
             set_(changed, k, v)
         path = tmp_path / "params.yaml"
         path.write_text(yaml.safe_dump(changed))
