@@ -23,7 +23,7 @@ from meteor.params import load_params
 from meteor.student.generate import generate
 from meteor.student.load import load_student, prepare_tokenizer_for_generation, resolve_revision
 from meteor.student.pretrain import pretrain
-from meteor.utils import setup_logging
+from meteor.utils import reproducibility_info, seed_everything, setup_logging
 
 TRAIN = Path("data/scraped/train.jsonl")
 OUT = Path("models/base")
@@ -43,6 +43,7 @@ def main(params_path: str = "params.yaml") -> dict:
     setup_logging()
     params = load_params(params_path)
     student, base = params.student, params.base
+    seed_everything(base.seed)  # before any tensor work: fixes threads and CPU kernels too
     start = time.perf_counter()
     if student.model == "tiny":
         result = pretrain(read_jsonl(TRAIN), base)  # the train split only: dev/test stay unseen
@@ -52,7 +53,8 @@ def main(params_path: str = "params.yaml") -> dict:
                    "final_loss": round(result.final_loss, 4), "source": "tiny"}
     else:
         model, tokenizer = load_student(student.model, revision=student.revision, dtype=student.dtype,
-                                        trust_remote_code=student.trust_remote_code)
+                                        trust_remote_code=student.trust_remote_code,
+                                        allow_download=student.allow_download)
         source = resolve_revision(student.model, student.revision)  # after the load: now in the hub cache
         metrics = {"parameters": sum(p.numel() for p in model.parameters()), "tokens_seen": 0,
                    "final_loss": None, "revision": source["revision"], "source": student.model}
@@ -72,6 +74,7 @@ def main(params_path: str = "params.yaml") -> dict:
     for prompt, reply in zip(SAMPLE_PROMPTS, replies):
         log.info("sample | %s\n%s", prompt, reply)
     write_json(SAMPLES, [{"prompt": p, "reply": r} for p, r in zip(SAMPLE_PROMPTS, replies)])
+    metrics["reproducibility"] = reproducibility_info()
     write_json(METRICS, metrics)
     log.info("base: %s", metrics)
     return metrics

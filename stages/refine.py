@@ -13,10 +13,11 @@ chain) and what ``refine.keep_failed`` does. Generation uses params ``generation
 ``refine.max_new_tokens``.
 
 Writes data/refined.jsonl (one row per question in question order: {id, category, title,
-question, attempts: [{iteration, answer, verdict, error, feedback}], final_answer, source, passed,
-passed_at, outcome, error, stopped_by_context, update}), models/refine/ (adapter + tokenizer),
+question, attempts: [{iteration, answer, chain, verdict, error, feedback}], final_answer, source,
+passed, passed_at, outcome, error, stopped_by_context, update}), models/refine/ (adapter + tokenizer),
 metrics/refine.json (pass rate after each iteration, outcomes, updates, optimiser steps, examples
-trained, teacher calls / cache hits / failures / cost) and the loss curve of all updates under
+trained and the share that kept their end-of-turn token, teacher calls / cache hits / failures /
+cost, what determines bitwise results) and the loss curve of all updates under
 dvclive/refine/.
 
 Exit status: non-zero after writing everything when the teacher budget (cumulative over the runs
@@ -44,7 +45,7 @@ from meteor.refine import NOT_OK, NO_ANSWER, SKIP_REASONS, TEACHER_ERROR, refine
 from meteor.student.load import load_student
 from meteor.teacher import make_teacher
 from meteor.training import make_trainable, save_trained
-from meteor.utils import seed_everything, setup_logging
+from meteor.utils import reproducibility_info, seed_everything, setup_logging
 
 SFT_DIR = Path("models/sft")
 DISTILLED = Path("data/distilled.jsonl")
@@ -69,7 +70,9 @@ def main() -> int:
     model, tokenizer = load_student(SFT_DIR, dtype=params.student.dtype,
                                     trust_remote_code=params.student.trust_remote_code,
                                     adapter_trainable=True)
-    model = make_trainable(model, refine_params.train.lora, seed=refine_params.train.seed)
+    # refine continues the sft adapter: refine.train.lora must describe it (checked, named).
+    model = make_trainable(model, refine_params.train.lora, seed=refine_params.train.seed,
+                           key="refine.train.lora")
     teacher = make_teacher(params.teacher, stage="refine")
     # No git side effects: the DVC stage, not DVCLive, records the experiment.
     live = Live(dir=str(LOG_DIR), save_dvc_exp=False, dvcyaml=None)
@@ -101,6 +104,7 @@ def main() -> int:
         "max_failed_fraction": refine_params.max_failed_fraction,
         "complete": not problems,
         "seconds": round(time.perf_counter() - start, 1),
+        "reproducibility": reproducibility_info(),
     }
     write_json(METRICS, metrics)
     log.info("%d questions: pass rate by iteration %s, %d updates (%d optimiser steps, %d rows "

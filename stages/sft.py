@@ -27,7 +27,7 @@ from meteor.params import load_params
 from meteor.student.load import load_student
 from meteor.training import answer_examples, make_trainable, save_trained, train
 from meteor.training.data import ROW_SKIP_REASONS
-from meteor.utils import seed_everything, setup_logging
+from meteor.utils import reproducibility_info, seed_everything, setup_logging
 
 BASE_DIR = Path("models/base")
 DISTILLED = Path("data/distilled.jsonl")
@@ -61,6 +61,7 @@ def main() -> None:
         "rows_skipped": {reason: skipped[reason] for reason in ROW_SKIP_REASONS},
         "lora": train_params.lora.enabled,
         "seconds": round(time.perf_counter() - start, 1),
+        "reproducibility": reproducibility_info(),
     }
     write_json(METRICS, metrics)
     log.info("final loss %.4f after %d steps on %d examples (%d rows skipped) -> %s",

@@ -238,3 +238,38 @@ def test_hub_revision_is_read_from_the_local_cache_offline(tmp_path, monkeypatch
     assert resolve_revision("some-org/tiny-model")["revision"] == commit
     assert resolve_revision("some-org/tiny-model", "main")["revision"] == commit
     assert resolve_revision("some-org/not-cached")["revision"] is None
+
+
+# ---------------------------------------------------------------------------- no downloads
+def test_load_student_never_downloads_unless_allowed(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(OSError, match="downloads are off.*student.allow_download"):
+        load_student("meteor-tests/not-in-any-cache")
+
+    import meteor.student.load as load_mod
+
+    seen = []
+
+    def from_pretrained(name, **kwargs):
+        seen.append(kwargs["local_files_only"])
+        raise OSError("stop here")
+
+    monkeypatch.setattr(load_mod.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    for allow in (False, True):
+        with pytest.raises(OSError):
+            load_student("meteor-tests/not-in-any-cache", allow_download=allow)
+    assert seen == [True, False]
+
+
+@pytest.mark.parametrize("key, value", [("revision", "main"), ("trust_remote_code", True),
+                                        ("allow_download", True)])
+def test_hub_only_student_options_are_refused_for_the_tiny_student(tmp_path, key, value):
+    from meteor.params import ParamsError, load_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"student": {"model": "tiny", key: value}}))
+    with pytest.raises(ParamsError, match=f"student.{key} applies to a hub or local model only"):
+        load_params(path)
+    path.write_text(yaml.safe_dump({"student": {"model": "org/model", key: value}}))
+    assert getattr(load_params(path).student, key) == value

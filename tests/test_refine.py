@@ -9,6 +9,7 @@ the student was asked, with which weights, and what each update trained on.
 from __future__ import annotations
 
 import json
+import re
 import runpy
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import meteor.refine as refine_mod
 from meteor import refine_prompts as prompts
 from meteor.params import GenerationParams, RefineParams, TeacherParams
-from meteor.refine import (RefineInput, refine, refine_inputs, training_example,
+from meteor.refine import (RefineInput, final_revision, refine, refine_inputs, training_example,
                            weight_fingerprint)
 from meteor.student.generate import encode_prompts
 from meteor.student.load import prepare_tokenizer_for_generation
@@ -335,6 +336,91 @@ def test_chain_target_trains_on_the_selfee_answer_feedback_revision_chain(studen
     assert spy["train"][0]["examples"][0][:-1] == prompts.student_answer_messages(make_question(0))
 
 
+def test_chain_target_judges_revises_and_stores_the_final_revision(student, tokenizer,
+                                                                      monkeypatch):
+    """A chain-trained student writes answer -> feedback -> revision: only its last revision is
+    judged, revised from and stored; the whole text stays in the attempt's ``chain``."""
+    chains = iter([
+        "draft one\n\n### Feedback 1\nmissing things\nRevision is needed.\n\n"
+        "### Revision 1\nbetter one\n\n### Feedback 2\nRevision is not needed.",
+        "plain second answer",
+    ])
+    asked_with = []
+
+    def generate(model, tokenizer, conversations, **kwargs):
+        asked_with.extend(conversations)
+        return [next(chains) for _ in conversations]
+
+    monkeypatch.setattr(refine_mod, "generate", generate)
+    teacher = ScriptedTeacher({100: [False, True]})
+    run = refine(student, tokenizer, teacher, make_inputs(1),
+                 refine_params(target="chain", fine_tune_interval=5), GENERATION)
+    row = run.rows[0]
+    assert [a for _, a in teacher.asked] == ["better one", "plain second answer"]
+    first, second = row["attempts"]
+    assert first["answer"] == "better one" and first["chain"].startswith("draft one")
+    assert second["answer"] == "plain second answer"
+    assert row["final_answer"] == "plain second answer"
+    assert asked_with[1] == prompts.revision_messages(make_question(0), "better one",
+                                                      "FIX-100-0\nHints:\n- hint-100")
+
+
+@pytest.mark.parametrize("text, final", [
+    ("just an answer", "just an answer"),
+    ("a\n\n### Feedback 1\nf\nRevision is needed.\n\n### Revision 1\nb\n\n### Feedback 2\n"
+     "Revision is not needed.", "b"),
+    ("a\n\n### Feedback 1\nf\nRevision is needed.\n\n### Revision 1\nb\n\n### Feedback 2\nf2"
+     "\n\n### Revision 2\nc, cut off by max_new_tok", "c, cut off by max_new_tok"),
+    ("a\n### Feedback 1\nno revision follows", "a"),
+    ("### Feedback 1\nonly feedback", ""),
+])
+def test_final_revision_of_a_generated_chain(text, final):
+    assert final_revision(text) == final
+    chain = prompts.selfee_chain(["x", "y", "z"], ["f1", "f2"], "ok")
+    assert final_revision(chain) == "z"
+
+
+def test_self_feedback_trains_the_student_to_critique_like_the_teacher(student, tokenizer, spy):
+    """SELF's meta-skill: each critiqued answer adds (self-critique prompt -> teacher feedback)."""
+    teacher = ScriptedTeacher({100: [False, False], 101: [True]})
+    run = refine(student, tokenizer, teacher, make_inputs(2),
+                 refine_params(feedback="self", keep_failed="reference", fine_tune_interval=2),
+                 GENERATION)
+    failed = run.rows[0]
+    examples = spy["train"][0]["examples"]
+    answer_prompts = [prompts.student_answer_messages(make_question(i)) for i in range(2)]
+    answers = [e for e in examples if e[:-1] in answer_prompts]
+    critiques = [e for e in examples if e not in answers]
+    # Two answer rows (question 101 passed, 100 trained on the reference) + one critique: the
+    # student critiqued its first answer to question 100 (the second ended the revisions).
+    assert len(answers) == 2 and len(critiques) == 1
+    assert critiques[0] == [
+        *prompts.self_critique_messages(make_question(0), failed["attempts"][0]["answer"]),
+        {"role": "assistant", "content": "FIX-100-0\nHints:\n- hint-100"}]
+    metrics = run.metrics(2)
+    assert metrics["critique_examples_trained"] == 1
+    assert metrics["update_log"][0]["critique_examples"] == 1
+
+
+def test_teacher_feedback_adds_no_critique_examples(student, tokenizer, spy):
+    run = refine(student, tokenizer, ScriptedTeacher({100: [False, False]}), make_inputs(2),
+                 refine_params(keep_failed="reference", fine_tune_interval=2), GENERATION)
+    assert len(spy["train"][0]["examples"]) == 2
+    assert run.metrics(2)["critique_examples_trained"] == 0
+
+
+def test_refine_lora_params_must_describe_the_loaded_adapter(student):
+    lora = refine_params().train.lora
+    assert make_trainable(student, lora, key="refine.train.lora") is student  # same: kept as is
+    for change, named in [({"r": 8}, "refine.train.lora.r=8"),
+                          ({"alpha": 4}, "refine.train.lora.alpha=4"),
+                          ({"dropout": 0.1}, "refine.train.lora.dropout=0.1"),
+                          ({"target_modules": ["q_proj"]}, "refine.train.lora.target_modules"),
+                          ({"enabled": False}, "refine.train.lora.enabled=False")]:
+        with pytest.raises(ValueError, match=re.escape(named)):
+            make_trainable(student, lora.model_copy(update=change), key="refine.train.lora")
+
+
 def test_final_target_is_question_to_final_answer():
     from meteor.refine import _Question
     item = _Question(make_inputs(1)[0], final_answer="The final answer.", outcome="passed")
@@ -474,6 +560,8 @@ def test_stage_writes_rows_adapter_and_metrics(tiny_model_dir, tokenizer, tmp_pa
     assert metrics["updates"] == 2 and metrics["optimizer_steps"] >= 2
     assert metrics["teacher"]["name"] == "offline:offline-reference"
     assert metrics["teacher"]["calls"] == metrics["attempts"] - metrics["empty_answers"]
+    assert metrics["examples_with_eos_share"] == 1.0  # short answers: none cut by max_seq_len
+    assert metrics["reproducibility"]["intra_op_threads"] >= 1
     assert set(metrics["pass_rate_by_iteration"]) == {"iter_1", "iter_2"}
     out = tmp_path / "models" / "refine"
     assert (out / "adapter_model.safetensors").exists() and (out / "tokenizer.json").exists()

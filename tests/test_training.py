@@ -133,10 +133,14 @@ def test_truncation_is_counted_and_cut_off_answers_are_skipped(tokenizer):
     long_question = chat("why? " * 200, "Because.")
     long_answer = chat("Why?", "because " * 200)
     data = encode_examples(tokenizer, [long_question, long_answer, EXAMPLES[0]], max_seq_len=64)
+    # The truncated answer lost its end-of-turn token; the short example kept it.
     assert data.stats() == {"examples_in": 3, "examples_used": 2, "examples_truncated": 1,
-                            "examples_skipped_too_long": 1}
+                            "examples_skipped_too_long": 1, "examples_with_eos": 1,
+                            "examples_with_eos_share": 0.5}
     assert max(data.lengths) == 64
     assert any(t != IGNORE_INDEX for t in data.examples[0].labels)
+    assert tokenizer.eos_token_id not in data.examples[0].labels
+    assert tokenizer.eos_token_id in data.examples[1].labels
 
 
 def test_answer_examples_skip_and_count_bad_rows():
@@ -364,6 +368,9 @@ def test_sft_stage_writes_adapter_metrics_and_curve(tiny_model_dir, tmp_path, mo
     assert metrics["rows_in"] == 7
     assert metrics["rows_skipped"] == {"not_ok": 1, "no_answer": 0, "no_question": 0}
     assert metrics["final_loss"] < metrics["first_loss"]
+    # Every example fits max_seq_len whole, so every one trains on its end-of-turn token.
+    assert metrics["examples_with_eos"] == 6 and metrics["examples_with_eos_share"] == 1.0
+    assert metrics["reproducibility"]["torch"] == torch.__version__
     assert (tmp_path / "models" / "sft" / "adapter_model.safetensors").exists()
     assert (tmp_path / "models" / "sft" / "tokenizer.json").exists()
     assert not list((tmp_path / "models").glob(".sft*"))  # no temporary dir left behind

@@ -93,6 +93,20 @@ class StudentParams(Section):
     revision: str | None = Field(None, description="Hub revision to pin (recorded either way).")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the hub.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Load dtype.")
+    allow_download: bool = Field(
+        False, description="Let the base stage download student.model from the hub; off: it must "
+                           "be a local dir or already in the local Hugging Face cache.")
+
+    @model_validator(mode="after")
+    def _hub_options_need_a_hub_model(self) -> StudentParams:
+        # The tiny student is built here from the corpus: these would silently do nothing.
+        if self.model == "tiny":
+            for key, default in (("revision", None), ("trust_remote_code", False),
+                                 ("allow_download", False)):
+                if getattr(self, key) != default:
+                    raise ValueError(f"student.{key} applies to a hub or local model only; "
+                                     "student.model is 'tiny'")
+        return self
 
 
 class BaseParams(Section):
@@ -103,10 +117,12 @@ class BaseParams(Section):
     num_layers: int = Field(4, ge=1)
     num_heads: int = Field(4, ge=1)
     intermediate_size: int = Field(512, ge=8)
-    max_seq_len: int = Field(512, ge=16, description="Context length of the model.")
-    block_size: int = Field(256, ge=16, description="Tokens per pre-training sequence.")
+    max_seq_len: int = Field(
+        1024, ge=16, description="Context length of the model: fits sft/refine examples whole "
+                                 "(question + answer + end-of-turn), so the student learns to stop.")
+    block_size: int = Field(512, ge=16, description="Tokens per pre-training sequence.")
     steps: int = Field(300, ge=1, description="Optimiser steps (bounded: ~2 min on 2 CPU cores).")
-    batch_size: int = Field(8, ge=1, description="Blocks per step (300 x 8 x 256 = 614k tokens).")
+    batch_size: int = Field(4, ge=1, description="Blocks per step (300 x 4 x 512 = 614k tokens).")
     lr: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.1, ge=0)
@@ -205,7 +221,9 @@ class TrainParams(Section):
         "linear", description="Decay after warmup (transformers.get_scheduler).")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    max_seq_len: int = Field(512, ge=8)
+    max_seq_len: int = Field(
+        1024, ge=8, description="Examples are cut to this many tokens; one cut in its answer "
+                                "loses the end-of-turn token, and with it the lesson to stop.")
     group_by_length: bool = Field(True, description="Length-grouped batches (less padding).")
     seed: int = 0
     lora: LoraParams = Field(default_factory=LoraParams)
@@ -224,6 +242,11 @@ class RefineTrainParams(TrainParams):
     # No warmup: an update is a step or two on an already-trained adapter, and the first warmup
     # step has learning rate 0, so a one-step update would change nothing.
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warmup steps / total steps.")
+    lora: LoraParams = Field(
+        default_factory=LoraParams,
+        description="Must describe the sft adapter, which refine keeps training (a value that "
+                    "differs is refused, naming the key); with a fully fine-tuned sft model, "
+                    "enabled: true trains a new adapter on it.")
 
 
 class RefineParams(Section):
@@ -232,14 +255,20 @@ class RefineParams(Section):
         10, ge=1, description="Update the student every N training rows (accepted answers, plus "
                               "teacher answers with keep_failed=reference).")
     target: Literal["final", "chain"] = Field("final", description="METEOR final answer or SelFee chain.")
-    feedback: Literal["teacher", "self"] = Field("teacher", description="Who critiques (SELF: student).")
+    feedback: Literal["teacher", "self"] = Field(
+        "teacher", description="Who critiques a wrong answer: the teacher, or (SELF) the student "
+                               "itself, which then also learns to critique: each update trains "
+                               "it on the teacher's feedback for its critiqued answers. The "
+                               "teacher decides correctness either way.")
     keep_failed: Literal["drop", "last", "reference"] = Field(
         "reference", description="Rows never judged correct: drop, keep the last attempt (not "
                                  "trained on), or train on the teacher's distilled answer. The "
                                  "default keeps in-loop updates happening when the student rarely "
                                  "passes (the tiny student against the offline teacher).")
     limit: int | None = Field(None, ge=1, description="Only the first N questions (debugging).")
-    max_new_tokens: int = Field(160, ge=1)
+    max_new_tokens: int = Field(
+        128, ge=1, description="Per answer, revision or self-critique (generation's default; "
+                               "kept at it to pay for the 1024-token training examples).")
     max_failed_fraction: float = Field(
         0.05, ge=0, le=1, description="Above this share of questions that got no teacher verdict, "
                                       "the stage writes its outputs and metrics, then exits "

@@ -8,6 +8,12 @@ a wrong answer is revised by the student given the question, its previous answer
 the teacher's (``feedback: teacher``) or the student's own critique (``feedback: self``, SELF), the
 teacher still deciding correctness. Every attempt is recorded.
 
+**SELF's meta-skill.** With ``feedback: self`` the student also *learns* to critique, as SELF
+trains it to: each critiqued answer of a trained question adds a training example whose prompt is
+the self-critique prompt (:func:`meteor.prompts.self_critique_messages`) and whose target is the
+teacher's feedback on that answer, so every in-loop update improves both the answers and the
+critiques the next rounds are revised with.
+
 **In-loop updates.** A question's *training row* is its accepted final answer, or, with
 ``keep_failed: reference``, the teacher's distilled answer for a question never judged correct.
 Each time the training rows reach a multiple of ``fine_tune_interval``, the current student is
@@ -27,7 +33,9 @@ batched across questions and iterations proceed in lock-step.
 **Targets.** ``final`` (METEOR): user = the question, assistant = the final answer, with the same
 system prompt the student answered under. ``chain`` (SelFee): the assistant turn is the whole
 answer -> feedback -> revision chain (:func:`meteor.prompts.selfee_chain`), ending with feedback
-that says no revision is needed.
+that says no revision is needed. A student trained on chains writes chains, so with ``chain`` each
+generated text is cut to its last revision (:func:`final_revision`) before it is judged, revised or
+stored as ``final_answer``; the whole text is kept in the attempt's ``chain`` field.
 
 **keep_failed** (questions never judged correct): ``drop`` (no final answer, not trained on),
 ``last`` (the last attempt is kept as the final answer, marked failed, not trained on),
@@ -55,6 +63,7 @@ killed halfway and started again retraces the same trajectory without paying twi
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -68,7 +77,7 @@ from meteor.rows import join_to_questions
 from meteor.student.generate import encode_prompts, generate, generation_kwargs
 from meteor.teacher.base import Teacher, TeacherResult, Verdict
 from meteor.teacher.chat import BUDGET
-from meteor.training import train
+from meteor.training import TrainSession, train
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +140,7 @@ class _Question:
     final_answer: str | None = None
     source: str | None = None  # "student" | "teacher": who wrote final_answer
     example: list[dict] | None = None  # the chat example trained on, None if not trained
+    critique_examples: list[list[dict]] = field(default_factory=list)  # SELF: learn to critique
     update: int | None = None  # 1-based index of the update it was trained in
 
     @property
@@ -149,14 +159,51 @@ class _Question:
         }
 
 
-def _attempt(iteration: int, answer: str) -> dict:
-    return {"iteration": iteration, "answer": answer, "verdict": None, "judged_by": "teacher",
-            "error": None, "feedback": None}
+def _attempt(iteration: int, answer: str, chain: str | None = None) -> dict:
+    return {"iteration": iteration, "answer": answer, "chain": chain, "verdict": None,
+            "judged_by": "teacher", "error": None, "feedback": None}
+
+
+def _header_pattern(template: str) -> str:
+    return re.escape(template).replace(re.escape("{n}"), r"\d+")
+
+
+# A line that opens a chain section, as selfee_chain writes it ("### Feedback 2").
+_CHAIN_HEADER = re.compile(
+    rf"^[ \t]*(?:(?P<feedback>{_header_pattern(prompts.SELFEE_FEEDBACK)})|"
+    rf"(?P<revision>{_header_pattern(prompts.SELFEE_REVISION)}))[ \t]*$", re.MULTILINE)
+
+
+def final_revision(text: str) -> str:
+    """The answer a generated SelFee chain ends with: the text under its last ``### Revision n``
+    header (the whole text when there is none), up to the next ``### Feedback n`` header."""
+    headers = list(_CHAIN_HEADER.finditer(text))
+    revisions = [m for m in headers if m.group("revision")]
+    start = revisions[-1].end() if revisions else 0
+    end = next((m.start() for m in headers if m.group("feedback") and m.start() >= start),
+               len(text))
+    return text[start:end].strip()
 
 
 def _verdict_feedback(attempt: dict) -> str:
     verdict = attempt["verdict"]
     return prompts.feedback_text(verdict["feedback"], verdict["hints"])
+
+
+def critique_examples(item: _Question) -> list[list[dict]]:
+    """SELF's meta-skill data: for each answer the student critiqued, the self-critique prompt ->
+    the teacher's feedback on that answer (what the critique should have said)."""
+    examples = []
+    for attempt in item.attempts:
+        verdict = attempt["verdict"]
+        if (attempt["feedback"] is None or attempt["judged_by"] != "teacher" or verdict is None
+                or verdict["correct"] or not attempt["answer"].strip()):
+            continue  # only answers the student critiqued and the teacher judged wrong
+        target = _verdict_feedback(attempt)
+        if target.strip():
+            examples.append([*prompts.self_critique_messages(item.question, attempt["answer"]),
+                             {"role": "assistant", "content": target}])
+    return examples
 
 
 def training_example(item: _Question, target: str) -> list[dict]:
@@ -226,6 +273,12 @@ class RefineRun:
             "updates": len(self.updates),
             "optimizer_steps": sum(u["steps"] for u in self.updates),
             "examples_trained": sum(u["rows"] for u in self.updates),
+            "critique_examples_trained": sum(u["critique_examples"] for u in self.updates),
+            # Share of trained examples that kept their end-of-turn token (max_seq_len cuts).
+            "examples_with_eos_share": (
+                round(sum(u["examples_with_eos"] for u in self.updates)
+                      / sum(u["examples_used"] for u in self.updates), 4)
+                if any(u["examples_used"] for u in self.updates) else None),
             "rows_after_last_update": self.untrained_rows,
             "update_log": self.updates,
             "generations": self.generations,
@@ -249,6 +302,7 @@ class Refiner:
         self.context = context_length(model)
         self.live = live  # an open dvclive.Live: all updates log into one loss curve
         self.updates: list[dict] = []
+        self.session: TrainSession | None = None  # one Accelerator for all updates (made lazily)
         self.generations = 0
         self.empty_answers = 0
         self.empty_self_feedback = 0
@@ -289,6 +343,9 @@ class Refiner:
                                 updates=len(self.updates))
         finally:
             bar.close()
+            if self.session is not None:
+                self.session.close()
+                self.session = None
         if pending:
             log.info("%d training rows after the last update are not trained on (fewer than "
                      "fine_tune_interval=%d)", len(pending), interval)
@@ -327,11 +384,14 @@ class Refiner:
             item.next_prompt = prompts.student_answer_messages(item.question)
         active = list(group)
         for iteration in range(1, self.params.max_iterations + 1):
-            answers = self._generate([item.next_prompt for item in active])
+            texts = self._generate([item.next_prompt for item in active])
+            # A chain-trained student writes answer -> feedback -> revision: judge its last answer.
+            chains = texts if self.params.target == "chain" else [None] * len(texts)
+            answers = [final_revision(t) for t in texts] if self.params.target == "chain" else texts
             results = self._verdicts(active, answers)
             wrong = []
-            for item, answer, result in zip(active, answers, results):
-                attempt = _attempt(iteration, answer)
+            for item, answer, chain, result in zip(active, answers, chains, results):
+                attempt = _attempt(iteration, answer, chain)
                 item.attempts.append(attempt)
                 if result is None:  # empty: rejected without asking the teacher
                     attempt["verdict"] = EMPTY_VERDICT.model_dump()
@@ -444,6 +504,8 @@ class Refiner:
             item.source = "teacher"
         if item.outcome in (PASSED, REFERENCE):
             item.example = training_example(item, self.params.target)
+            if self.params.feedback == "self":
+                item.critique_examples = critique_examples(item)
 
     # --- the in-loop update
     def _update(self, rows: list[_Question]) -> None:
@@ -453,8 +515,12 @@ class Refiner:
         before = weight_fingerprint(self.model)
         if not before:
             raise ValueError("the student has no trainable parameters; call make_trainable() first")
-        result = train(self.model, self.tokenizer, [r.example for r in rows], train_params,
-                       live=self.live, desc=f"refine update {index}")
+        if self.session is None:
+            self.session = TrainSession(self.model, train_params)
+        critiques = [c for r in rows for c in r.critique_examples]
+        result = train(self.model, self.tokenizer, [r.example for r in rows] + critiques,
+                       train_params, live=self.live, desc=f"refine update {index}",
+                       session=self.session)
         # The published code "updates" on 10 samples with zero optimiser steps; refuse to do that.
         if result.steps < 1:
             raise RuntimeError(f"refine update {index} took no optimiser step on {len(rows)} rows")
@@ -465,10 +531,13 @@ class Refiner:
         for row in rows:
             row.update = index
         self.updates.append({
-            "update": index, "rows": len(rows), "steps": result.steps,
+            "update": index, "rows": len(rows), "critique_examples": len(critiques),
+            "steps": result.steps,
             "first_loss": round(result.loss_history[0], 4),
             "final_loss": round(result.loss_history[-1], 4),
+            "examples_used": result.data.get("examples_used", 0),
             "examples_truncated": result.data.get("examples_truncated", 0),
+            "examples_with_eos": result.data.get("examples_with_eos", 0),
         })
         log.info("update %d: %d rows, %d steps, loss %.4f -> %.4f", index, len(rows), result.steps,
                  result.loss_history[0], result.loss_history[-1])

@@ -1,5 +1,9 @@
 """Load any student: a local ``save_pretrained`` dir, a hub id, or a PEFT adapter dir (sft and later).
 
+``load_student`` puts the model on the accelerator the stage trains on (:func:`default_device`),
+once, so generation runs there too. It never downloads unless asked (``allow_download``, param
+``student.allow_download``): a hub id must already be in the local Hugging Face cache.
+
 ``resolve_revision`` pins what was loaded, so a run can be reproduced: the commit hash for a hub id
 (read from the local hub cache, never fetched), a content hash for a local directory.
 """
@@ -9,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,21 @@ def _torch_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
     return _DTYPES[dtype]
 
 
+def default_device() -> torch.device:
+    """The device accelerate trains on in this process: ``cuda:<LOCAL_RANK>`` when CUDA is
+    available, else Apple's ``mps``, else the CPU; ``ACCELERATE_USE_CPU`` (``accelerate launch --cpu``) forces
+    the CPU. Loading the student there means generation before, between and after training runs
+    on the same device as training, and ``Accelerator.prepare`` has nothing left to move."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
 def prepare_tokenizer_for_generation(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Decoder-only batches are padded on the left; a model without a pad token pads with eos."""
     if tokenizer.pad_token is None:
@@ -40,19 +60,29 @@ def prepare_tokenizer_for_generation(tokenizer: PreTrainedTokenizerBase) -> PreT
 
 
 def _load_plain(name_or_path: str, revision: str | None, dtype: str, trust_remote_code: bool,
-                tokenizer_source: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path,
-        revision=revision,
-        dtype=_torch_dtype(dtype),
-        trust_remote_code=trust_remote_code,
-        use_safetensors=True,
-    )
-    tokenizer = AutoTokenizer.from_pretrained(
-        tokenizer_source or name_or_path,
-        revision=None if tokenizer_source else revision,
-        trust_remote_code=trust_remote_code,
-    )
+                allow_download: bool, tokenizer_source: str | None = None
+                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            revision=revision,
+            dtype=_torch_dtype(dtype),
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+            local_files_only=not allow_download,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_source or name_or_path,
+            revision=None if tokenizer_source else revision,
+            trust_remote_code=trust_remote_code,
+            local_files_only=not allow_download,
+        )
+    except OSError as e:
+        if allow_download or Path(name_or_path).is_dir():
+            raise
+        raise OSError(f"{name_or_path!r} is neither a local directory nor in the local Hugging Face "
+                      "cache, and downloads are off: download it first (`hf download "
+                      f"{name_or_path}`) or set student.allow_download: true ({e})") from e
     prepare_tokenizer_for_generation(tokenizer)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -66,8 +96,14 @@ def load_student(
     dtype: str | torch.dtype = "auto",
     trust_remote_code: bool = False,
     adapter_trainable: bool = False,
+    allow_download: bool = False,
+    device: str | torch.device | None = "auto",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` ready for generation (eval mode, pad token set, left padding).
+
+    The model is moved to ``device``: ``"auto"`` is :func:`default_device` (the accelerator, as
+    training uses it), ``None`` leaves it where ``from_pretrained`` put it (the CPU). Nothing is
+    downloaded unless ``allow_download`` (files come from local dirs or the local hub cache).
 
     ``name_or_path`` is a local ``save_pretrained`` directory or a hub id. A directory holding an
     ``adapter_config.json`` (a PEFT adapter, as sft saves it) loads the base model named in that
@@ -76,8 +112,12 @@ def load_student(
     """
     name_or_path = str(name_or_path)
     adapter_dir = Path(name_or_path)
+    target = default_device() if device == "auto" else device
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
-        model, tokenizer = _load_plain(name_or_path, revision, dtype, trust_remote_code)
+        model, tokenizer = _load_plain(name_or_path, revision, dtype, trust_remote_code,
+                                       allow_download)
+        if target is not None:
+            model.to(target)
         model.eval()
         return model, tokenizer
 
@@ -90,8 +130,11 @@ def load_student(
     has_tokenizer = any((adapter_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     log.info("loading adapter %s on base model %s", adapter_dir, base)
     model, tokenizer = _load_plain(base, adapter_config.get("revision"), dtype, trust_remote_code,
+                                   allow_download,
                                    tokenizer_source=name_or_path if has_tokenizer else None)
     model = PeftModel.from_pretrained(model, name_or_path, is_trainable=adapter_trainable)
+    if target is not None:
+        model.to(target)
     if not adapter_trainable:
         model.eval()
     return model, tokenizer

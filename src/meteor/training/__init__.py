@@ -6,9 +6,10 @@ from meteor.training.data import (IGNORE_INDEX, EncodedData, EncodedExample,
                                   answer_examples, encode_examples, question_answer_example)
 from meteor.training.loop import TrainResult, train
 from meteor.training.lora import make_trainable, save_trained
+from meteor.training.session import TrainSession
 
 __all__ = [
     "IGNORE_INDEX", "EncodedData", "EncodedExample", "LengthGroupedBatchSampler", "PadCollator",
-    "RandomBatchSampler", "TrainResult", "answer_examples", "encode_examples", "make_trainable",
-    "question_answer_example", "save_trained", "train",
+    "RandomBatchSampler", "TrainResult", "TrainSession", "answer_examples", "encode_examples",
+    "make_trainable", "question_answer_example", "save_trained", "train",
 ]

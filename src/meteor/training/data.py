@@ -90,6 +90,9 @@ class EncodedData:
     n_input: int = 0
     n_truncated: int = 0  # answer partly cut by max_seq_len, kept
     n_skipped: int = 0  # answer cut off entirely by max_seq_len, dropped
+    # Examples whose trained tokens still include the end-of-turn (eos) token: only these teach
+    # the model to stop, so a max_seq_len that cuts most answers gives a student that never ends.
+    n_with_eos: int = 0
 
     @property
     def lengths(self) -> list[int]:
@@ -101,6 +104,9 @@ class EncodedData:
             "examples_used": len(self.examples),
             "examples_truncated": self.n_truncated,
             "examples_skipped_too_long": self.n_skipped,
+            "examples_with_eos": self.n_with_eos,
+            "examples_with_eos_share": (round(self.n_with_eos / len(self.examples), 4)
+                                        if self.examples else None),
         }
 
 
@@ -155,9 +161,11 @@ def encode_examples(tokenizer, examples: Sequence[ChatExample], max_seq_len: int
     """Encode chat examples, truncating each to ``max_seq_len`` tokens (keeping the start).
 
     An example whose answer starts beyond ``max_seq_len`` has nothing left to learn from: it is
-    skipped and counted. An answer cut part-way is kept and counted as truncated.
+    skipped and counted. An answer cut part-way is kept and counted as truncated. Examples that
+    still train on the tokenizer's eos (end-of-turn) token are counted (``n_with_eos``).
     """
     use_mask = has_generation_tags(tokenizer)
+    eos = tokenizer.eos_token_id
     data = EncodedData(n_input=len(examples))
     for i, example in enumerate(examples):
         enc = _encode_full(tokenizer, _as_messages(example, i), use_mask, i)
@@ -169,6 +177,7 @@ def encode_examples(tokenizer, examples: Sequence[ChatExample], max_seq_len: int
                 data.n_skipped += 1
                 continue
             data.n_truncated += 1
+        data.n_with_eos += eos is not None and eos in enc.labels
         data.examples.append(enc)
     if data.n_skipped or data.n_truncated:
         log.warning("max_seq_len=%d: %d of %d examples truncated, %d skipped (answer cut off)",

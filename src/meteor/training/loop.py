@@ -36,6 +36,7 @@ from transformers import get_scheduler
 from meteor.params import TrainParams
 from meteor.training.data import (IGNORE_INDEX, ChatExample, EncodedData, PadCollator,
                                   encode_examples, make_batch_sampler)
+from meteor.training.session import TrainSession
 from meteor.utils import seed_everything
 
 log = logging.getLogger(__name__)
@@ -150,12 +151,15 @@ def train(
     log_dir: str | Path | None = None,
     live=None,
     desc: str = "train",
+    session: TrainSession | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` in place on chat ``examples`` (loss on assistant tokens only).
 
     ``log_dir`` starts a DVCLive log there (per-step ``train/loss`` and ``train/lr``); or pass
     an open ``dvclive.Live`` as ``live`` to continue one (refine logs all its updates in one
-    curve). Returns a :class:`TrainResult`.
+    curve). ``session``: the stage's :class:`~meteor.training.session.TrainSession`, so repeated
+    calls (refine's in-loop updates) share one Accelerator and prepare the model once; without
+    it the call makes and closes its own. Returns a :class:`TrainResult`.
     """
     data = examples if isinstance(examples, EncodedData) else encode_examples(
         tokenizer, examples, params.max_seq_len)
@@ -166,18 +170,25 @@ def train(
                          f"by max_seq_len={params.max_seq_len}")
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token first")
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context is not None and max(data.lengths) > context:
+        raise ValueError(f"examples of up to {max(data.lengths)} tokens (max_seq_len="
+                         f"{params.max_seq_len}) exceed the model's context of {context} tokens; "
+                         "lower max_seq_len (or, for the tiny student, raise base.max_seq_len)")
 
     seed_everything(params.seed)
-    accelerator = Accelerator(gradient_accumulation_steps=params.grad_accum,
-                              mixed_precision=default_mixed_precision())
-    _configure_deepspeed(accelerator, params)
+    own_session = session is None  # a one-off call: its own Accelerator, closed at the end
+    if own_session:
+        session = TrainSession(model, params)
+    session.check(model, params)
+    accelerator = session.accelerator
 
     sampler = make_batch_sampler(data.lengths, params.batch_size,
                                  group_by_length=params.group_by_length, seed=params.seed)
     loader = DataLoader(data.examples, batch_sampler=sampler,
                         collate_fn=PadCollator(tokenizer.pad_token_id))
     optimizer = _optimizer(model, params)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer, loader = session.prepare(optimizer, loader)
 
     # `accelerate launch` (env) or a DeepSpeed config may override grad_accum; theirs is used.
     grad_accum = accelerator.gradient_accumulation_steps
@@ -232,7 +243,10 @@ def train(
     accelerator.wait_for_everyone()
     result.seconds = time.perf_counter() - start
     model.eval()
-    accelerator.free_memory()  # drop DDP/DeepSpeed wrappers; the caller's model is trained
+    if own_session:
+        session.close()  # drop DDP/DeepSpeed wrappers; the caller's model is trained
+    else:
+        session.release(optimizer, loader)  # the prepared model stays for the next call
     log.info("%s: %d steps, loss %.4f -> %.4f, %.0f tokens/s", desc, result.steps,
              result.loss_history[0], result.loss_history[-1], result.tokens_per_s)
     return result

@@ -30,13 +30,31 @@ def lora_config(params: LoraParams) -> LoraConfig:
     )
 
 
-def make_trainable(model, params: LoraParams, *, seed: int = 0):
+def check_adapter_matches(model: PeftModel, params: LoraParams, key: str) -> None:
+    """Refuse LoRA params that differ from the adapter ``model`` already carries: that adapter is
+    trained on as it is, so a different value would silently do nothing. ``key`` names the
+    params block in the message (e.g. ``refine.train.lora``)."""
+    config = model.peft_config[model.active_adapter]
+    loaded = {"enabled": True, "r": config.r, "alpha": config.lora_alpha,
+              "dropout": config.lora_dropout, "target_modules": sorted(config.target_modules)}
+    wanted = {"enabled": params.enabled, "r": params.r, "alpha": params.alpha,
+              "dropout": params.dropout, "target_modules": sorted(params.target_modules)}
+    wrong = [f"{key}.{name}={wanted[name]!r} but the loaded adapter has {loaded[name]!r}"
+             for name in loaded if wanted[name] != loaded[name]]
+    if wrong:
+        raise ValueError("; ".join(wrong) + ". The loaded adapter keeps training as it was made: "
+                         f"set {key} to its values (or change the stage that made it)")
+
+
+def make_trainable(model, params: LoraParams, *, seed: int = 0, key: str = "lora"):
     """Return the model to train: with a fresh LoRA adapter, or with every weight trainable.
 
     A model that already is a :class:`PeftModel` is returned as is, so repeated updates (refine's
-    in-loop fine-tuning) keep training the same adapter instead of stacking new ones.
+    in-loop fine-tuning) keep training the same adapter instead of stacking new ones; ``params``
+    must then describe that adapter (:func:`check_adapter_matches`, ``key`` names the block).
     """
     if isinstance(model, PeftModel):
+        check_adapter_matches(model, params, key)
         return model
     if not params.enabled:
         for p in model.parameters():
