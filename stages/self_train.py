@@ -1,0 +1,130 @@
+"""Stage self_train (METEOR 3): high- vs low-compute answers as preference pairs, for turns.
+
+Starts from models/refine (the refine adapter on models/base) and the first ``self_train.limit``
+questions of data/scraped/train.jsonl (rows without title or body are skipped and counted). Each
+turn the student answers every question greedily (low compute) and with beam search
+(``self_train.num_beams``, high compute), chat-templated and batched (params ``generation`` for
+the batch size and repetition knobs, ``self_train.max_new_tokens``). Pairs that are empty,
+(near-)identical or cut off by ``self_train.train.max_seq_len`` are skipped and counted by reason.
+The judge (params ``judge``, cached) compares every kept pair in both orders: how often does it
+prefer the high-compute answer? Chosen = beam (``pairing: compute``) or the judge's winner
+(``pairing: judge``). The adapter is trained on the pairs with ``self_train.loss`` (dpo: the
+reference is a frozen copy of the turn's starting adapter; simpo; margin) on the shared training
+loop (``self_train.train``), and the next turn regenerates the pairs with the updated model.
+See :mod:`meteor.self_train` and :mod:`meteor.training.preference`.
+
+Writes data/self_pairs.jsonl (one row per question and turn: id, turn, skip_reason (null when
+kept), chosen_from, chosen, rejected, lengths, each decoding's text/tokens/seconds, difference,
+judge verdicts), models/self_train/ (one LoRA adapter on models/base + tokenizer: the policy
+only), metrics/self_train.json (per turn: pairs kept / skipped by reason, mean chosen vs rejected
+length, compute ratio, judge agreement, loss, rewards chosen / rejected, reward accuracy and
+margin before and after training) and the per-step curves under dvclive/self_train/.
+
+Exit status: non-zero when a turn has no usable pair (unless ``self_train.on_no_pairs:
+pass_through``; pairs and metrics are still written, the model is not), or when the judge budget
+stopped the stage (outputs written; a re-run takes finished calls from the cache).
+
+Run alone:  python stages/self_train.py        (or: dvc repro self_train)
+API key:    OPENAI_API_KEY from the environment only (judge backend openai); never written anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from dvclive import Live
+
+from meteor.io import atomic_path, read_jsonl, write_json, write_jsonl
+from meteor.params import load_params
+from meteor.self_train import NoUsablePairs, check_adapter_matches, self_train
+from meteor.student.load import load_student
+from meteor.teacher import make_teacher
+from meteor.training import save_trained
+from meteor.utils import seed_everything, setup_logging
+
+REFINE_DIR = Path("models/refine")
+TRAIN = Path("data/scraped/train.jsonl")
+OUT = Path("data/self_pairs.jsonl")
+OUT_DIR = Path("models/self_train")
+METRICS = Path("metrics/self_train.json")
+LOG_DIR = Path("dvclive/self_train")
+EXIT_NO_PAIRS, EXIT_INCOMPLETE = 2, 3
+log = logging.getLogger("self_train")
+
+
+def usable_questions(rows: list[dict], limit: int | None) -> tuple[list[dict], Counter]:
+    """The first ``limit`` train rows that have a title and a body (the prompt needs both)."""
+    questions, skipped = [], Counter()
+    for row in rows[:limit]:
+        if all(isinstance(row.get(k), str) and row[k].strip() for k in ("title", "question")):
+            questions.append(row)
+        else:
+            skipped["no_question"] += 1
+    return questions, skipped
+
+
+def main() -> int:
+    setup_logging()
+    start = time.perf_counter()
+    params = load_params()
+    st = params.self_train
+    seed_everything(st.train.seed)
+
+    rows = read_jsonl(TRAIN)
+    questions, skipped = usable_questions(rows, st.limit)
+    model, tokenizer = load_student(REFINE_DIR, dtype=params.student.dtype,
+                                    trust_remote_code=params.student.trust_remote_code,
+                                    adapter_trainable=True)
+    check_adapter_matches(model, st.train.lora, "self_train.train.lora")
+    judge = make_teacher(params.judge, section="judge") if st.judge_pairs else None
+    # No git side effects: the DVC stage, not DVCLive, records the experiment.
+    live = Live(dir=str(LOG_DIR), save_dvc_exp=False, dvcyaml=None)
+    failed = None
+    try:
+        run = self_train(model, tokenizer, questions, st, params.generation, judge, live=live)
+    except NoUsablePairs as e:
+        run, failed = e.run, e
+    finally:
+        live.end()
+        if judge is not None:
+            judge.close()
+    # dvc.yaml declares the curves as an output; they must exist even when nothing was trained.
+    (LOG_DIR / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
+
+    if failed is None:
+        with atomic_path(OUT_DIR, is_dir=True) as tmp_dir:
+            save_trained(model, tokenizer, tmp_dir)
+    write_jsonl(OUT, run.rows)
+    judged = [r["judge"] for r in run.rows if r["judge"] is not None]
+    budget_stopped = any(not j["ok"] and "budget" in (j.get("error") or "") for j in judged)
+    metrics = {
+        **run.metrics(),
+        "rows_in": len(rows[:st.limit]),
+        "rows_skipped": {"no_question": skipped["no_question"]},
+        "loss": st.loss,
+        "pairing": st.pairing,
+        "num_beams": st.num_beams,
+        "judge": ({"name": judge.name, **judge.stats.as_dict(), "budget_stopped": budget_stopped}
+                  if judge is not None else None),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    write_json(METRICS, metrics)
+    if failed is not None:
+        log.error("%s", failed)
+        return EXIT_NO_PAIRS
+    final = metrics["final"] or {}
+    log.info("%d turns on %d questions: reward accuracy %s, margin %s -> %s, %s", len(run.turns),
+             len(questions), final.get("reward_accuracy"), final.get("mean_margin"), OUT_DIR, OUT)
+    if budget_stopped:
+        log.error("the judge budget stopped the stage: raise judge.budget_usd and re-run; "
+                  "finished calls come from the cache")
+        return EXIT_INCOMPLETE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
