@@ -14,11 +14,13 @@ loop (``self_train.train``), and the next turn regenerates the pairs with the up
 See :mod:`meteor.self_train` and :mod:`meteor.training.preference`.
 
 Writes data/self_pairs.jsonl (one row per question and turn: id, turn, skip_reason (null when
-kept), chosen_from, chosen, rejected, lengths, each decoding's text/tokens/seconds, difference,
-judge verdicts), models/self_train/ (one LoRA adapter on models/base + tokenizer: the policy
-only), metrics/self_train.json (per turn: pairs kept / skipped by reason, mean chosen vs rejected
-length, compute ratio, judge agreement, loss, rewards chosen / rejected, reward accuracy and
-margin before and after training) and the per-step curves under dvclive/self_train/.
+kept), chosen_from, chosen, rejected, lengths, each decoding's text and generated tokens,
+difference, judge verdicts), models/self_train/ (one LoRA adapter on models/base + tokenizer: the
+policy only), metrics/self_train.json (per turn: pairs kept / skipped by reason, mean chosen vs
+rejected length, beam/greedy compute ratio, judge agreement, loss, rewards chosen / rejected,
+reward accuracy and margin before and after training), metrics/self_train_compute.json (per pair
+and turn: tokens and seconds of each decoding; apart from the pairs, which must not depend on the
+machine's speed) and the per-step curves under dvclive/self_train/.
 
 Exit status: non-zero when a turn has no usable pair (unless ``self_train.on_no_pairs:
 pass_through``; pairs and metrics are still written, the model is not), or when the judge budget
@@ -36,6 +38,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from accelerate import PartialState
 from dvclive import Live
 
 from meteor.io import atomic_path, read_jsonl, write_json, write_jsonl
@@ -51,6 +54,7 @@ TRAIN = Path("data/scraped/train.jsonl")
 OUT = Path("data/self_pairs.jsonl")
 OUT_DIR = Path("models/self_train")
 METRICS = Path("metrics/self_train.json")
+COMPUTE = Path("metrics/self_train_compute.json")
 LOG_DIR = Path("dvclive/self_train")
 EXIT_NO_PAIRS, EXIT_INCOMPLETE = 2, 3
 log = logging.getLogger("self_train")
@@ -92,6 +96,8 @@ def main() -> int:
         live.end()
         if judge is not None:
             judge.close()
+    if not PartialState().is_main_process:  # under accelerate launch only one process writes
+        return 0 if failed is None else EXIT_NO_PAIRS
     # dvc.yaml declares the curves as an output; they must exist even when nothing was trained.
     (LOG_DIR / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
 
@@ -99,6 +105,7 @@ def main() -> int:
         with atomic_path(OUT_DIR, is_dir=True) as tmp_dir:
             save_trained(model, tokenizer, tmp_dir)
     write_jsonl(OUT, run.rows)
+    write_json(COMPUTE, run.compute)
     judged = [r["judge"] for r in run.rows if r["judge"] is not None]
     budget_stopped = any(not j["ok"] and "budget" in (j.get("error") or "") for j in judged)
     metrics = {

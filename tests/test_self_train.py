@@ -491,7 +491,11 @@ def test_stage_writes_pairs_one_loadable_adapter_and_metrics(tokenizer, tmp_path
                                                      for q in QUESTIONS]
     kept = [r for r in rows if r["skip_reason"] is None]
     assert kept and all(r["chosen"] and r["rejected"] and r["judge"]["ok"] for r in kept)
-    assert all(r["beam"]["tokens"] > 0 and r["greedy"]["seconds"] > 0 for r in rows)
+    assert all(r["beam"]["tokens"] > 0 and r["greedy"]["tokens"] > 0 for r in rows)
+    compute = json.loads((tmp_path / "metrics" / "self_train_compute.json").read_text())
+    assert [(c["turn"], c["id"]) for c in compute] == [(r["turn"], r["id"]) for r in rows]
+    assert all(c["beam_seconds"] > 0 and c["greedy_seconds"] > 0 for c in compute)
+    assert [c["beam_tokens"] for c in compute] == [r["beam"]["tokens"] for r in rows]
     metrics = json.loads((tmp_path / "metrics" / "self_train.json").read_text())
     assert metrics["turns_run"] == 2 and set(metrics["turns"]) == {"turn_1", "turn_2"}
     assert metrics["rows_in"] == 9 and metrics["rows_skipped"] == {"no_question": 1}
@@ -541,3 +545,15 @@ def test_stage_without_usable_pairs_exits_non_zero_and_writes_no_model(tokenizer
     saved, start = load_file(out), load_file(tmp_path / "models" / "refine" /
                                              "adapter_model.safetensors")
     assert saved.keys() == start.keys() and all(torch.equal(saved[k], start[k]) for k in saved)
+
+
+def test_two_runs_write_identical_pairs_and_adapters(tokenizer):
+    outputs = []
+    for _ in range(2):
+        model = tiny_student(tokenizer)
+        perturb_adapter(model)
+        run = self_train(model, tokenizer, QUESTIONS, st_params(judge_pairs=False), GENERATION)
+        outputs.append((run.rows, {n: p.detach().clone() for n, p in model.named_parameters()
+                                   if "lora_" in n}))
+    assert outputs[0][0] == outputs[1][0] and any(r["skip_reason"] is None for r in outputs[0][0])
+    assert all(torch.equal(p, outputs[1][1][n]) for n, p in outputs[0][1].items())

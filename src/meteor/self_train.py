@@ -1,8 +1,10 @@
 """METEOR 3: self-training on high- vs low-compute answers as preference pairs.
 
 Each *turn*, the current student answers every question twice with the same prompt
-(:func:`meteor.prompts.student_answer_messages`) and decoding knobs (params ``generation``):
-greedy (low compute) and beam search with ``num_beams`` beams (high compute, the paper's 10).
+(:func:`meteor.prompts.student_answer_messages`) and decoding knobs (``generation.batch_size``,
+``repetition_penalty``, ``no_repeat_ngram_size``; never sampled, whatever ``generation.do_sample``
+says): greedy (low compute) and beam search with ``num_beams`` beams (high compute, the paper's
+10).
 With ``pairing: compute`` (the paper) the beam answer is chosen and the greedy one rejected; with
 ``pairing: judge`` the judge's position-swapped winner is chosen and ties are skipped. The student
 is then trained on the kept pairs with the pairwise loss (:mod:`meteor.training.preference`:
@@ -22,7 +24,9 @@ the metrics say how often its overall verdict (:meth:`PairJudgment.overall`: the
 more criteria than it loses) and each criterion prefer the high-compute answer.
 
 **Compute.** Each decoding's generated tokens and seconds are recorded per pair (a batch's wall
-time divided by its size), so the beam-vs-greedy compute ratio is measured, not assumed.
+time divided by its size), so the beam-vs-greedy compute ratio is measured, not assumed. The
+seconds are kept apart from the pairs (:attr:`SelfTrainRun.compute`), which must not depend on
+the machine's speed.
 
 **No usable pair** in a turn: an error (``on_no_pairs: error``) or, with ``pass_through``, the
 turn's starting model is kept unchanged, recorded in the metrics, and no further turn runs
@@ -35,6 +39,7 @@ judge calls from the persistent cache on a re-run.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -93,6 +98,11 @@ class _Pair:
     def answer(self, source: str | None) -> str | None:
         return None if source is None else (self.high if source == HIGH else self.low).text
 
+    def compute_row(self) -> dict:
+        return {"id": self.question["id"], "turn": self.turn,
+                "beam_tokens": self.high.tokens, "beam_seconds": round(self.high.seconds, 4),
+                "greedy_tokens": self.low.tokens, "greedy_seconds": round(self.low.seconds, 4)}
+
     def answer_cost(self, source: str) -> tuple[int, float]:
         g = self.high if source == HIGH else self.low
         return g.tokens, g.seconds
@@ -121,7 +131,9 @@ def _answer_tokens(labels: list[int]) -> int:
 
 
 def _decoding(g: Generation) -> dict:
-    return {"text": g.text, "tokens": g.tokens, "seconds": round(g.seconds, 4)}
+    # No seconds here: the pairs file is a DVC out that two runs must write identically; the
+    # timings go to SelfTrainRun.compute (metrics/self_train_compute.json).
+    return {"text": g.text, "tokens": g.tokens}
 
 
 def _in_compute_terms(winner: str) -> str:
@@ -143,6 +155,8 @@ def _verdict(j: PairJudgment | None) -> dict | None:
 @dataclass
 class SelfTrainRun:
     rows: list[dict] = field(default_factory=list)
+    # Per pair: each decoding's tokens and seconds (a batch's wall time / its size).
+    compute: list[dict] = field(default_factory=list)
     turns: list[dict] = field(default_factory=list)  # one metrics entry per turn run
     stopped_early: bool = False  # pass_through: a turn had no usable pair
 
@@ -187,6 +201,7 @@ class SelfTrainer:
                 kept = [p for p in pairs if p.skip_reason is None]
                 metrics = self._pair_metrics(turn, pairs)
                 run.rows.extend(p.row() for p in pairs)
+                run.compute.extend(p.compute_row() for p in pairs)
                 if not kept:
                     message = (f"self_train turn {turn}: no usable pair among {len(pairs)} "
                                f"questions (skipped: {metrics['skipped']})")
@@ -326,6 +341,10 @@ class SelfTrainer:
         fingerprint = _fingerprint(self.model)
         result = train_pairs(self.model, self.tokenizer, pairs, train_params, objective,
                              live=self.live, desc=f"self_train turn {turn}")
+        if not all(math.isfinite(x) for x in result.loss_history):
+            raise FloatingPointError(f"self_train turn {turn}: non-finite pairwise loss "
+                                     f"{result.loss_history}; lower self_train.train.lr or use "
+                                     "student.dtype float32/bfloat16")
         if result.steps < 1 or _fingerprint(self.model) == fingerprint:
             raise RuntimeError(f"self_train turn {turn}: {result.steps} optimiser steps left the "
                                "adapter unchanged")
