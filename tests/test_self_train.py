@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import runpy
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -557,3 +561,70 @@ def test_two_runs_write_identical_pairs_and_adapters(tokenizer):
                                    if "lora_" in n}))
     assert outputs[0][0] == outputs[1][0] and any(r["skip_reason"] is None for r in outputs[0][0])
     assert all(torch.equal(p, outputs[1][1][n]) for n, p in outputs[0][1].items())
+
+
+# ----------------------------------------------------------------------------------- DDP
+DDP_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    from accelerate import PartialState
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from meteor.params import TrainParams
+    from meteor.training import make_trainable
+    from meteor.training.preference import (PairwiseLoss, PairwiseObjective, ReferenceAdapter,
+                                            encode_pair, train_pairs)
+
+    model_dir, pairs_file, grad_accum, out = sys.argv[1:]
+    state = PartialState(cpu=True)  # gloo on CPU when launched by torchrun
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    params = TrainParams(epochs=2, batch_size=2, grad_accum=int(grad_accum), lr=1e-2,
+                         group_by_length=False, lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    model = make_trainable(AutoModelForCausalLM.from_pretrained(model_dir), params.lora)
+    with torch.no_grad():  # a trained-like start, the same in every process
+        generator = torch.Generator().manual_seed(1)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    pairs = [encode_pair(tokenizer, prompt, chosen, rejected, 256)[0]
+             for prompt, chosen, rejected in json.load(open(pairs_file))]
+    reference = ReferenceAdapter(model)
+    reference.snapshot()
+    frozen = [p.detach().clone() for p in reference.parameters()]
+    result = train_pairs(model, tokenizer, pairs, params,
+                         PairwiseObjective(PairwiseLoss(kind="dpo", beta=0.5), reference))
+    assert all(torch.equal(a, b) for a, b in zip(frozen, reference.parameters()))
+    if state.is_main_process:
+        json.dump({"processes": state.num_processes, "loss": result.loss_history,
+                   "margin": result.history["rewards/margin"]}, open(out, "w"))
+""")
+
+
+@pytest.mark.slow
+def test_dpo_on_two_ddp_processes_equals_one_process_with_accumulation(tiny_model_dir, tmp_path):
+    """The reference forward (adapter switched, no grad) inside a DDP step leaves DDP's gradient
+    sync intact: 2 processes x 1 micro-batch == 1 process x 2 accumulated micro-batches."""
+    script = tmp_path / "ddp_pairs.py"
+    script.write_text(DDP_SCRIPT)
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps([(student_answer_messages(q), f"Step against it {i}. " * (1 + i % 3),
+                                  f"Bananas {i}.") for i, q in enumerate(QUESTIONS)]))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    runs = {
+        "single": [sys.executable, str(script), str(tiny_model_dir), str(pairs), "2"],
+        "ddp": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--standalone", str(script), str(tiny_model_dir), str(pairs), "1"],
+    }
+    results = {}
+    for name, cmd in runs.items():
+        out = tmp_path / f"{name}.json"
+        proc = subprocess.run([*cmd, str(out)], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = json.loads(out.read_text())
+    assert results["single"]["processes"] == 1 and results["ddp"]["processes"] == 2
+    assert len(results["ddp"]["loss"]) == len(results["single"]["loss"]) == 4
+    torch.testing.assert_close(torch.tensor(results["ddp"]["loss"]),
+                               torch.tensor(results["single"]["loss"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(results["ddp"]["margin"]),
+                               torch.tensor(results["single"]["margin"]), rtol=1e-5, atol=1e-6)
+    assert results["single"]["loss"][-1] < results["single"]["loss"][0]

@@ -239,7 +239,7 @@ class SelfTrainTrainParams(TrainParams):
     keeps these defaults. ``batch_size`` counts pairs (two sequences each). ``lora`` must describe
     the adapter self_train continues (refine's): it is checked against it, not applied."""
 
-    epochs: int = Field(2, ge=1)
+    epochs: int = Field(1, ge=1)
     batch_size: int = Field(4, ge=1, description="Pairs per micro-batch (2 sequences each).")
     lr: float = Field(5e-4, gt=0)
     # No warmup: a turn is a few steps on an already-trained adapter (the first warmup step has

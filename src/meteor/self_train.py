@@ -51,7 +51,7 @@ from meteor.params import GenerationParams, LoraParams, SelfTrainParams
 from meteor.prompts import student_answer_messages
 from meteor.student.generate import Generation, generate, generation_kwargs
 from meteor.teacher.base import CRITERIA, Teacher
-from meteor.training.data import has_generation_tags
+from meteor.training.data import IGNORE_INDEX, has_generation_tags
 from meteor.training.preference import (EncodedPair, PairwiseLoss, PairwiseObjective,
                                         ReferenceAdapter, encode_pair, evaluate_pairs,
                                         train_pairs)
@@ -127,7 +127,8 @@ class _Pair:
 
 
 def _answer_tokens(labels: list[int]) -> int:
-    return sum(t != -100 for t in labels)
+    """Answer tokens as trained: after max_seq_len, with the end-of-turn token."""
+    return sum(t != IGNORE_INDEX for t in labels)
 
 
 def _decoding(g: Generation) -> dict:
