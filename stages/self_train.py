@@ -23,8 +23,11 @@ and turn: tokens and seconds of each decoding; apart from the pairs, which must 
 machine's speed) and the per-step curves under dvclive/self_train/.
 
 Exit status: non-zero when a turn has no usable pair (unless ``self_train.on_no_pairs:
-pass_through``; pairs and metrics are still written, the model is not), or when the judge budget
-stopped the stage (outputs written; a re-run takes finished calls from the cache).
+pass_through``; pairs and metrics are still written, the model is not), or, after writing
+everything, when the judge budget (cumulative over the runs until one completes) stopped the
+stage or more than ``self_train.max_failed_fraction`` of the judged pairs got no verdict (with
+``pairing: judge`` those pairs are skipped, ``judge_failed``); a re-run takes finished calls
+from the cache.
 
 Run alone:  python stages/self_train.py        (or: dvc repro self_train)
 API key:    OPENAI_API_KEY from the environment only (judge backend openai); never written anywhere.
@@ -46,6 +49,7 @@ from meteor.params import load_params
 from meteor.self_train import NoUsablePairs, check_adapter_matches, self_train
 from meteor.student.load import load_student
 from meteor.teacher import make_teacher
+from meteor.teacher.chat import BUDGET
 from meteor.training import save_trained
 from meteor.utils import seed_everything, setup_logging
 
@@ -84,14 +88,19 @@ def main() -> int:
                                     trust_remote_code=params.student.trust_remote_code,
                                     adapter_trainable=True)
     check_adapter_matches(model, st.train.lora, "self_train.train.lora")
-    judge = make_teacher(params.judge, section="judge") if st.judge_pairs else None
+    judge = (make_teacher(params.judge, section="judge", stage="self_train")
+             if st.judge_pairs else None)
     # No git side effects: the DVC stage, not DVCLive, records the experiment.
     live = Live(dir=str(LOG_DIR), save_dvc_exp=False, dvcyaml=None)
-    failed = None
+    failed, problems = None, []
     try:
-        run = self_train(model, tokenizer, questions, st, params.generation, judge, live=live)
-    except NoUsablePairs as e:
-        run, failed = e.run, e
+        try:
+            run = self_train(model, tokenizer, questions, st, params.generation, judge, live=live)
+        except NoUsablePairs as e:
+            run, failed = e.run, e
+        problems = incomplete(run.rows, st.max_failed_fraction)
+        if judge is not None and failed is None and not problems:
+            judge.stage_completed()  # a cumulative judge budget starts afresh for the next run
     finally:
         live.end()
         if judge is not None:
@@ -106,8 +115,6 @@ def main() -> int:
             save_trained(model, tokenizer, tmp_dir)
     write_jsonl(OUT, run.rows)
     write_json(COMPUTE, run.compute)
-    judged = [r["judge"] for r in run.rows if r["judge"] is not None]
-    budget_stopped = any(not j["ok"] and "budget" in (j.get("error") or "") for j in judged)
     metrics = {
         **run.metrics(),
         "rows_in": len(rows[:st.limit]),
@@ -115,8 +122,11 @@ def main() -> int:
         "loss": st.loss,
         "pairing": st.pairing,
         "num_beams": st.num_beams,
-        "judge": ({"name": judge.name, **judge.stats.as_dict(), "budget_stopped": budget_stopped}
-                  if judge is not None else None),
+        "judge": ({"name": judge.name, **judge.stats.as_dict(),
+                   "failed_fraction": judge_failed_fraction(run.rows),
+                   "budget_stopped": budget_stopped(run.rows)} if judge is not None else None),
+        "max_failed_fraction": st.max_failed_fraction,
+        "complete": failed is None and not problems,
         "seconds": round(time.perf_counter() - start, 1),
     }
     write_json(METRICS, metrics)
@@ -126,11 +136,37 @@ def main() -> int:
     final = metrics["final"] or {}
     log.info("%d turns on %d questions: reward accuracy %s, margin %s -> %s, %s", len(run.turns),
              len(questions), final.get("reward_accuracy"), final.get("mean_margin"), OUT_DIR, OUT)
-    if budget_stopped:
-        log.error("the judge budget stopped the stage: raise judge.budget_usd and re-run; "
-                  "finished calls come from the cache")
+    if problems:
+        log.error("incomplete: %s. Outputs and metrics are written; re-run (after raising the "
+                  "budget or fixing the endpoint): finished calls come from the cache; see the "
+                  "'judge' field of %s.", "; ".join(problems), OUT)
         return EXIT_INCOMPLETE
     return 0
+
+
+def _judgments(rows: list[dict]) -> list[dict]:
+    return [r["judge"] for r in rows if r["judge"] is not None]
+
+
+def judge_failed_fraction(rows: list[dict]) -> float:
+    """Share of judged pairs the judge gave no verdict for (either order failed)."""
+    judged = _judgments(rows)
+    return round(sum(not j["ok"] for j in judged) / len(judged), 4) if judged else 0.0
+
+
+def budget_stopped(rows: list[dict]) -> bool:
+    return any(not j["ok"] and BUDGET in (j.get("error") or "") for j in _judgments(rows))
+
+
+def incomplete(rows: list[dict], max_failed_fraction: float) -> list[str]:
+    """Why this run must not count as done (empty when it is complete)."""
+    problems = []
+    if budget_stopped(rows):
+        problems.append("stopped by the judge budget (judge.budget_usd)")
+    if judge_failed_fraction(rows) > max_failed_fraction:
+        problems.append(f"{judge_failed_fraction(rows):.1%} of the judged pairs got no verdict, "
+                        f"above self_train.max_failed_fraction={max_failed_fraction:g}")
+    return problems
 
 
 if __name__ == "__main__":
