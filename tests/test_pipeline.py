@@ -36,8 +36,7 @@ TINY_PARAMS = {
                "train": {"max_steps": 2, "batch_size": 2, "max_seq_len": 512,
                          "lora": {"r": 4, "alpha": 8}}},
     "self_train": {"turns": 2, "limit": 6, "num_beams": 2, "max_new_tokens": 8,
-                   "train": {"max_steps": 2, "batch_size": 2, "max_seq_len": 512,
-                             "lora": {"r": 4, "alpha": 8}}},
+                   "train": {"max_steps": 2, "batch_size": 2, "max_seq_len": 512}},
 }
 
 
