@@ -35,6 +35,8 @@ TINY_PARAMS = {
     "refine": {"limit": 8, "fine_tune_interval": 2, "max_iterations": 2, "max_new_tokens": 12,
                "train": {"max_steps": 2, "batch_size": 2, "max_seq_len": 512,
                          "lora": {"r": 4, "alpha": 8}}},
+    "self_train": {"turns": 2, "limit": 6, "num_beams": 2, "max_new_tokens": 8,
+                   "train": {"max_steps": 2, "batch_size": 2, "max_seq_len": 512}},
     # an almost untrained scorer: keep rows whatever their IFD, so that every chunk has data
     "ifd_select": {"max_ifd": 10.0, "min_answer_tokens": 2},
 }
@@ -129,6 +131,7 @@ def downstream_of(stage: str) -> set[str]:
     ("scrape.workers", 1, set()),  # not a dependency: changes nothing
     ("base.steps", 5, {"base", "guideline", "sft", "refine"}),
     ("sft.train.lr", 1e-3, {"sft", "refine"}),
+    ("self_train.beta", 0.2, {"self_train"}),
 ])
 def test_param_change_reruns_exactly_downstream(repo, key, value, must_run):
     repo("dvc", "repro")

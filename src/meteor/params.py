@@ -276,13 +276,73 @@ class RefineParams(Section):
     train: RefineTrainParams = Field(default_factory=RefineTrainParams)
 
 
+class SelfTrainTrainParams(TrainParams):
+    """Each turn's training on that turn's pairs. Its own class, so a partial ``self_train.train``
+    keeps these defaults. ``batch_size`` counts pairs (two sequences each). ``lora`` must describe
+    the adapter self_train continues (refine's): it is checked against it, not applied."""
+
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(4, ge=1, description="Pairs per micro-batch (2 sequences each).")
+    lr: float = Field(5e-4, gt=0)
+    # No warmup: a turn is a few steps on an already-trained adapter (the first warmup step has
+    # learning rate 0).
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warmup steps / total steps.")
+
+
+class SelfTrainParams(Section):
+    """METEOR 3: greedy (low compute) vs beam search (high compute) answers as preference pairs."""
+
+    turns: int = Field(2, ge=1, description="Rounds of (regenerate pairs with the current model, "
+                                            "train on them); each turn's reference is its start.")
+    limit: int | None = Field(
+        48, ge=1, description="Only the first N train questions, each turn (null = all); bounds "
+                              "the time: beam search costs about num_beams greedy decodings.")
+    num_beams: int = Field(4, ge=2, description="Beams of the high-compute answer (the paper: 10).")
+    max_new_tokens: int = Field(64, ge=1, description="Answer length cap of both decodings.")
+    pairing: Literal["compute", "judge"] = Field(
+        "compute", description="compute: chosen = beam, rejected = greedy (the paper); judge: the "
+                               "judge's position-swapped winner is chosen, ties are skipped.")
+    judge_pairs: bool = Field(
+        True, description="Judge every kept pair in both orders (params judge) and report how "
+                          "often the high-compute answer wins; required by pairing: judge.")
+    min_difference: float = Field(
+        0.1, ge=0, le=1, description="Skip pairs whose answers differ less: 1 - difflib "
+                                     "SequenceMatcher ratio over words (0 identical, 1 disjoint).")
+    loss: Literal["dpo", "simpo", "margin"] = Field(
+        "dpo", description="dpo (reference: the turn's starting adapter), simpo or METEOR's "
+                           "length-normalised NLL margin (both reference-free).")
+    beta: float = Field(0.1, gt=0, description="DPO beta (loss: dpo).")
+    simpo_beta: float = Field(2.0, gt=0, description="SimPO beta (loss: simpo).")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO target margin gamma (loss: simpo).")
+    margin: float = Field(0.0, ge=0, description="relu(NLL_chosen - NLL_rejected + margin) "
+                                                 "(loss: margin; 0 = METEOR's).")
+    sft_weight: float = Field(0.0, ge=0, description="Weight of an added NLL term on the chosen "
+                                                     "answer (against likelihood collapse).")
+    on_no_pairs: Literal["error", "pass_through"] = Field(
+        "error", description="A turn with no usable pair: fail (non-zero exit), or pass the "
+                             "turn's starting model through unchanged, record it and stop.")
+    max_failed_fraction: float = Field(
+        0.05, ge=0, le=1, description="Above this share of judged pairs that got no verdict, the "
+                                      "stage writes its outputs and metrics, then exits non-zero; "
+                                      "a re-run takes finished calls from the cache.")
+    train: SelfTrainTrainParams = Field(default_factory=SelfTrainTrainParams)
+
+    @model_validator(mode="after")
+    def _judge_pairing(self) -> SelfTrainParams:
+        if self.pairing == "judge" and not self.judge_pairs:
+            raise ValueError("self_train.pairing: judge needs self_train.judge_pairs: true")
+        return self
+
+
 # A section that inherits every key it does not set from another, so params.yaml writes each shared
 # value once: the judge is the teacher unless told otherwise, and refine keeps training the sft
 # adapter, whose LoRA shape it must share. (YAML anchors / merge keys cannot do this: `dvc exp run
 # -S teacher.x=...` rewrites the file with every merged key copied into the child, so the override
 # silently skips the judge and the link is gone.) A stage reading a child must also list its parent
 # under `params:` in dvc.yaml (tests/test_dvc_deps.py checks it).
-INHERITS = {"judge": "teacher", "refine.train.lora": "sft.train.lora"}
+INHERITS = {"judge": "teacher", "refine.train.lora": "sft.train.lora",
+            # self_train continues refine's adapter (resolved after refine's own line above)
+            "self_train.train.lora": "refine.train.lora"}
 
 
 def _node(data: dict, dotted: str) -> dict | None:
@@ -358,6 +418,7 @@ class Params(Section):
     distill: DistillParams = Field(default_factory=DistillParams)
     sft: SftParams = Field(default_factory=SftParams)
     refine: RefineParams = Field(default_factory=RefineParams)
+    self_train: SelfTrainParams = Field(default_factory=SelfTrainParams)
     ifd_select: IfdSelectParams = Field(default_factory=IfdSelectParams)
 
     @model_validator(mode="before")

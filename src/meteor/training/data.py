@@ -157,6 +157,24 @@ def _encode_full(tokenizer, messages: list[Message], use_mask: bool, index: int)
     return EncodedExample(input_ids=ids, labels=labels)
 
 
+def encode_example(tokenizer, example: ChatExample, max_seq_len: int, *,
+                   use_mask: bool | None = None, index: int = 0
+                   ) -> tuple[EncodedExample | None, bool]:
+    """One example, truncated to ``max_seq_len``: ``(encoded, truncated)``, or ``(None, True)``
+    when the answer is cut off entirely. ``use_mask`` defaults to :func:`has_generation_tags`."""
+    if use_mask is None:
+        use_mask = has_generation_tags(tokenizer)
+    enc = _encode_full(tokenizer, _as_messages(example, index), use_mask, index)
+    if not any(t != IGNORE_INDEX for t in enc.labels):
+        raise ValueError(f"example {index}: no assistant tokens found by the chat template")
+    if len(enc) <= max_seq_len:
+        return enc, False
+    enc = EncodedExample(enc.input_ids[:max_seq_len], enc.labels[:max_seq_len])
+    if all(t == IGNORE_INDEX for t in enc.labels):
+        return None, True
+    return enc, True
+
+
 def encode_examples(tokenizer, examples: Sequence[ChatExample], max_seq_len: int) -> EncodedData:
     """Encode chat examples, truncating each to ``max_seq_len`` tokens (keeping the start).
 
@@ -168,15 +186,11 @@ def encode_examples(tokenizer, examples: Sequence[ChatExample], max_seq_len: int
     eos = tokenizer.eos_token_id
     data = EncodedData(n_input=len(examples))
     for i, example in enumerate(examples):
-        enc = _encode_full(tokenizer, _as_messages(example, i), use_mask, i)
-        if not any(t != IGNORE_INDEX for t in enc.labels):
-            raise ValueError(f"example {i}: no assistant tokens found by the chat template")
-        if len(enc) > max_seq_len:
-            enc = EncodedExample(enc.input_ids[:max_seq_len], enc.labels[:max_seq_len])
-            if all(t == IGNORE_INDEX for t in enc.labels):
-                data.n_skipped += 1
-                continue
-            data.n_truncated += 1
+        enc, truncated = encode_example(tokenizer, example, max_seq_len, use_mask=use_mask, index=i)
+        if enc is None:
+            data.n_skipped += 1
+            continue
+        data.n_truncated += truncated
         data.n_with_eos += eos is not None and eos in enc.labels
         data.examples.append(enc)
     if data.n_skipped or data.n_truncated:

@@ -12,6 +12,10 @@ ZeRO-2, see ``configs/accelerate/`` and ``docs/training.md``):
 * deterministic on CPU for a given ``seed``;
 * per-step loss and learning rate logged with DVCLive by the main process only.
 
+The loss is pluggable (:class:`Objective`): :func:`train` runs the answer-token cross-entropy of
+sft and refine; :func:`meteor.training.preference.train_pairs` runs self_train's pairwise losses
+through the same :func:`run_training`, normalised by pairs instead of tokens.
+
 The model is trained in place: pass it through :func:`meteor.training.lora.make_trainable` first.
 """
 
@@ -22,9 +26,10 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +54,10 @@ class TrainResult:
     loss_history: list[float] = field(default_factory=list)  # mean answer-token loss per step
     lr_history: list[float] = field(default_factory=list)  # learning rate used at each step
     tokens_seen: int = 0  # real (non-pad) tokens fed to the model, all processes
-    loss_tokens: int = 0  # answer tokens that carried the loss, all processes
+    # What the loss is normalised by, all processes: answer tokens (sft), pairs (pairwise).
+    loss_tokens: int = 0
+    # Per-step means of an objective's extra statistics (e.g. rewards/chosen), by name.
+    history: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
     data: dict[str, int] = field(default_factory=dict)  # EncodedData.stats()
 
@@ -107,6 +115,29 @@ def _answer_token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tens
     loss_sum = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
                                targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
     return loss_sum, (targets != IGNORE_INDEX).sum()
+
+
+class Objective(Protocol):
+    """A loss the loop can optimise: a sum over *units* (tokens, pairs), normalised by the loop.
+
+    ``units`` counts a micro-batch's units; ``loss_sum`` returns the summed loss over them and
+    summed statistics (name -> scalar tensor) that the loop logs as per-unit means.
+    """
+
+    def units(self, batch: dict) -> int: ...
+
+    def loss_sum(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+class AnswerTokenLoss:
+    """sft / refine: next-token cross-entropy, every answer token weighing the same."""
+
+    def units(self, batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def loss_sum(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss_sum, _ = _answer_token_loss_sum(model, batch)
+        return loss_sum, {}
 
 
 def _optimizer(model, params: TrainParams) -> torch.optim.Optimizer:
@@ -170,12 +201,35 @@ def train(
                          f"by max_seq_len={params.max_seq_len}")
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token first")
+    return run_training(model, data.examples, data.lengths, PadCollator(tokenizer.pad_token_id),
+                        AnswerTokenLoss(), params, log_dir=log_dir, live=live, desc=desc,
+                        data_stats=data.stats(), session=session)
+
+
+def run_training(
+    model,
+    items: Sequence,
+    lengths: Sequence[int],
+    collate_fn: Callable[[list], dict],
+    objective: Objective,
+    params: TrainParams,
+    *,
+    log_dir: str | Path | None = None,
+    live=None,
+    desc: str = "train",
+    data_stats: dict[str, int] | None = None,
+    session: TrainSession | None = None,
+) -> TrainResult:
+    """The optimisation machinery shared by every objective: ``items`` (batched by the length
+    sampler on ``lengths``, collated by ``collate_fn``) trained with ``objective``'s loss, summed
+    and divided by its units in each accumulation window. See :func:`train` for the rest."""
+    if not items:
+        raise ValueError("no training items")
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if context is not None and max(data.lengths) > context:
-        raise ValueError(f"examples of up to {max(data.lengths)} tokens (max_seq_len="
+    if context is not None and max(lengths) > context:
+        raise ValueError(f"examples of up to {max(lengths)} tokens (max_seq_len="
                          f"{params.max_seq_len}) exceed the model's context of {context} tokens; "
                          "lower max_seq_len (or, for the tiny student, raise base.max_seq_len)")
-
     seed_everything(params.seed)
     own_session = session is None  # a one-off call: its own Accelerator, closed at the end
     if own_session:
@@ -183,10 +237,9 @@ def train(
     session.check(model, params)
     accelerator = session.accelerator
 
-    sampler = make_batch_sampler(data.lengths, params.batch_size,
+    sampler = make_batch_sampler(lengths, params.batch_size,
                                  group_by_length=params.group_by_length, seed=params.seed)
-    loader = DataLoader(data.examples, batch_sampler=sampler,
-                        collate_fn=PadCollator(tokenizer.pad_token_id))
+    loader = DataLoader(items, batch_sampler=sampler, collate_fn=collate_fn)
     optimizer = _optimizer(model, params)
     model, optimizer, loader = session.prepare(optimizer, loader)
 
@@ -203,7 +256,7 @@ def train(
                               num_warmup_steps=math.ceil(params.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     log.info("%s: %d examples, %d steps (%d per epoch, batch %d x accum %d x %d processes), "
-             "mixed precision %s", desc, len(data.examples), total_steps, steps_per_epoch,
+             "mixed precision %s", desc, len(items), total_steps, steps_per_epoch,
              params.batch_size, grad_accum, accelerator.num_processes, accelerator.mixed_precision)
 
     own_live = None
@@ -215,7 +268,7 @@ def train(
     if not accelerator.is_main_process:
         live = None
 
-    result = TrainResult(steps=0, epochs=0, data=data.stats())
+    result = TrainResult(steps=0, epochs=0, data=dict(data_stats or {}))
     model.train()
     progress = tqdm(total=total_steps, desc=desc, disable=not accelerator.is_local_main_process)
     start = time.perf_counter()
@@ -226,12 +279,15 @@ def train(
                 loader.set_epoch(result.epochs)
             result.epochs += 1
             for window in _windows(loader, grad_accum):
-                _train_step(accelerator, model, optimizer, scheduler, window, params, result)
+                _train_step(accelerator, model, optimizer, scheduler, window, params, result,
+                            objective)
                 progress.update(1)
                 progress.set_postfix(loss=f"{result.loss_history[-1]:.4f}")
                 if live is not None:
                     live.log_metric("train/loss", result.loss_history[-1])
                     live.log_metric("train/lr", result.lr_history[-1])
+                    for name, values in result.history.items():
+                        live.log_metric(f"train/{name}", values[-1])
                     live.next_step()
                 if result.steps >= total_steps:
                     break
@@ -253,33 +309,44 @@ def train(
 
 
 def _train_step(accelerator: Accelerator, model, optimizer, scheduler, window: list[dict],
-                params: TrainParams, result: TrainResult) -> None:
+                params: TrainParams, result: TrainResult, objective: Objective) -> None:
     """One optimiser step over an accumulation window of micro-batches."""
-    local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
+    local_tokens = sum(objective.units(b) for b in window)
     window_tokens = accelerator.reduce(
         torch.tensor(local_tokens, device=accelerator.device), reduction="sum").item()
+    # A window without a unit (e.g. pairs whose masks are all empty) has a zero loss sum: divide
+    # by 1 rather than 0, so it gives a zero gradient and a 0 loss, never NaN.
+    denominator = max(window_tokens, 1)
     # accelerator.backward divides by grad_accum (DeepSpeed by its own, equal, value) and DDP
     # averages over processes; undo both so the gradient is that of sum(loss) / window_tokens.
-    scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / window_tokens
+    scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / denominator
     loss_sum = torch.zeros((), device=accelerator.device)
     seen = torch.zeros((), device=accelerator.device, dtype=torch.long)
+    stats: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(window):
         last = i == len(window) - 1
         # Sync gradients across processes (and let DeepSpeed step) only on the last micro-batch.
         accelerator.sync_gradients = last
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            batch_loss, _ = _answer_token_loss_sum(model, batch)
+            batch_loss, batch_stats = objective.loss_sum(model, batch)
             accelerator.backward(batch_loss * scale)
         loss_sum += batch_loss.detach()
         seen += batch["attention_mask"].sum()
+        for name, value in batch_stats.items():
+            stats[name] = stats.get(name, 0) + value.detach().float()
     accelerator.clip_grad_norm_(model.parameters(), params.max_grad_norm)
     result.lr_history.append(scheduler.get_last_lr()[0])
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
 
-    totals = accelerator.reduce(torch.stack([loss_sum, seen.to(loss_sum.dtype)]), reduction="sum")
+    names = sorted(stats)  # the same order on every process
+    totals = accelerator.reduce(torch.stack([loss_sum, seen.to(loss_sum.dtype),
+                                             *(stats[n].to(loss_sum.device) for n in names)]),
+                                reduction="sum")
     result.steps += 1
-    result.loss_history.append(totals[0].item() / window_tokens)
+    result.loss_history.append(totals[0].item() / denominator)
     result.tokens_seen += int(totals[1].item())
     result.loss_tokens += int(window_tokens)
+    for name, total in zip(names, totals[2:].tolist()):
+        result.history.setdefault(name, []).append(total / denominator)
