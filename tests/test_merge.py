@@ -167,6 +167,47 @@ def test_delta_round_trip_through_the_cache_is_exact(delta_model, batch, tmp_pat
     assert torch.equal(logits(dm.model, batch), expected)
 
 
+# ------------------------------------------------------------------------------ objectives
+DEV = [{"id": i, "category": "ML", "title": f"Why does model {i} overfit?",
+        "question": "Training accuracy is high, validation is low. " * (1 + i),
+        "answer": "Regularise it: fewer parameters, more data, early stopping. " * (1 + i % 3)}
+       for i in range(5)]
+
+
+def test_answer_nll_is_the_training_loss_on_answer_tokens_whatever_the_batch(delta_model):
+    from meteor.merging.objective import AnswerNLL
+    from meteor.training.data import PadCollator, encode_examples
+    from meteor.training.loop import _answer_token_loss_sum
+
+    dm, tok = delta_model
+    dm.set_weights({"delta_a": 0.5})
+    one = AnswerNLL(tok, DEV, max_seq_len=256, batch_size=1)
+    many = AnswerNLL(tok, DEV, max_seq_len=256, batch_size=4)
+    assert one.tokens == many.tokens > 0
+    assert abs(one(dm.model) - many(dm.model)) < 1e-5
+    data = encode_examples(tok, answer_examples(DEV)[0], 256)
+    total, n = 0.0, 0
+    with torch.inference_mode():
+        for e in data.examples:
+            loss, count = _answer_token_loss_sum(dm.model, PadCollator(tok.pad_token_id)([e]))
+            total, n = total + loss.item(), n + int(count)
+    assert n == one.tokens and abs(one(dm.model) - total / n) < 1e-5
+
+
+def test_judge_objective_scores_greedy_dev_answers(delta_model):
+    from meteor.merging.objective import JudgeScore
+    from meteor.params import TeacherParams
+    from meteor.teacher import make_teacher
+
+    dm, tok = delta_model
+    judge = make_teacher(TeacherParams(), section="judge")  # offline: deterministic
+    objective = JudgeScore(judge, tok, DEV[:3], {"max_new_tokens": 6, "batch_size": 3,
+                                                 "no_repeat_ngram_size": 0})
+    first = objective(dm.model)
+    assert 1.0 <= first <= 10.0 and objective.failures == 0
+    assert objective(dm.model) == first  # greedy answers, deterministic judge
+
+
 # ------------------------------------------------------------------------------ chunks
 def test_chunks_by_file_or_field(tmp_path):
     (tmp_path / "ML.jsonl").write_text(json.dumps({"id": 1, "source": "distilled"}) + "\n"

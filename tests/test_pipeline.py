@@ -35,6 +35,9 @@ TINY_PARAMS = {
     "refine": {"limit": 8, "fine_tune_interval": 2, "max_iterations": 2, "max_new_tokens": 12,
                "train": {"max_steps": 2, "batch_size": 2, "max_seq_len": 512,
                          "lora": {"r": 4, "alpha": 8}}},
+    "merge": {"trials": 2, "dev_limit": 4, "eval_batch_size": 4,
+              "train": {"max_steps": 1, "batch_size": 4, "max_seq_len": 256,
+                        "lora": {"r": 4, "alpha": 8}}},
 }
 
 
@@ -73,6 +76,7 @@ def repo(tmp_path_factory):
         GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
         GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com",
         OPENAI_API_KEY=API_KEY,
+        METEOR_CACHE_DIR=str(tmp_path_factory.mktemp("meteor_cache")),  # merge's studies
     )
 
     def run(*cmd: str) -> str:
@@ -127,6 +131,7 @@ def downstream_of(stage: str) -> set[str]:
     ("scrape.workers", 1, set()),  # not a dependency: changes nothing
     ("base.steps", 5, {"base", "guideline", "sft", "refine"}),
     ("sft.train.lr", 1e-3, {"sft", "refine"}),
+    ("merge.trials", 3, {"merge"}),
 ])
 def test_param_change_reruns_exactly_downstream(repo, key, value, must_run):
     repo("dvc", "repro")

@@ -28,7 +28,7 @@ from meteor.training import answer_examples, train
 from meteor.merging.chunks import load_chunks
 from meteor.merging.deltas import DeltaModel, delta_adapter_name
 from meteor.merging.objective import AnswerNLL, JudgeScore
-from meteor.merging.search import SearchResult, TrialRecord, run_search, stable_hash
+from meteor.merging.search import SearchResult, run_search, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,6 @@ def run_merge(params: Params, *, base_dir: str | Path, self_train_dir: str | Pat
             info.update(final_loss=result.final_loss, first_loss=result.loss_history[0],
                         steps=result.steps, train_seconds=round(result.seconds, 3))
         deltas[label] = info
-    chunk_adapters = [delta_adapter_name(c) for c in chunks]
-    dm.deltas = chunk_adapters + ([TRAIN_ALL] if mp.train_all else [])
     dm.set_weights({})
     t_deltas = time.perf_counter() - start
 
@@ -148,34 +146,19 @@ def run_merge(params: Params, *, base_dir: str | Path, self_train_dir: str | Pat
                              "dev": dev_rows, "merge": search_params,
                              "dtype": params.student.dtype, **key_objective})
     search_start = time.perf_counter()
-    result = run_search(
-        evaluate, names, storage_path=cache_dir / "studies" / f"{study_key[:32]}.db",
-        study_name=f"merge-{study_key[:16]}", direction=objective.direction, w_max=mp.w_max,
-        trials=mp.trials, sampler=mp.sampler, seed=mp.seed,
-        deterministic=mp.objective == "nll")
-
-    # --- table ------------------------------------------------------------------------------
-    table: dict[str, dict] = {}
-
-    def row(point: TrialRecord | None, weights: dict[str, float]) -> dict:
-        if point is None:  # cannot happen for seeded points; kept so a bug shows, not crashes
-            return {"weights": weights, "objective": None, "trial": None}
-        return {"weights": point.weights, "objective": point.objective, "trial": point.number}
-
-    zeros = {n: 0.0 for n in names}
-    table["no_delta"] = row(result.find_point(zeros), zeros)
-    if mp.train_all:
-        t0 = time.perf_counter()
-        dm.set_weights({TRAIN_ALL: 1.0})
-        table["train_all"] = {"weights": {"all": 1.0}, "objective": objective(dm.model),
-                              "trial": None, "seconds_eval": round(time.perf_counter() - t0, 3)}
-    for n in names:
-        one_hot = {m: float(m == n) for m in names}
-        table[f"delta_{n}"] = row(result.find_point(one_hot), one_hot)
-    uniform = {n: 1.0 / len(names) for n in names}
-    table["average"] = row(result.find_point(uniform), uniform)
-    ones = {n: 1.0 for n in names}
-    table["sum"] = row(result.find_point(ones), ones)
+    try:
+        result = run_search(
+            evaluate, names, storage_path=cache_dir / "studies" / f"{study_key[:32]}.db",
+            study_name=f"merge-{study_key[:16]}", direction=objective.direction, w_max=mp.w_max,
+            trials=mp.trials, sampler=mp.sampler, seed=mp.seed,
+            deterministic=mp.objective == "nll")
+        table = _table(result, names, dm, objective, train_all=mp.train_all)
+    finally:
+        if isinstance(objective, JudgeScore):
+            objective.judge.close()
+    if isinstance(objective, JudgeScore):
+        objective_info.update(judge_failures=objective.failures,
+                              judge_calls=objective.judge.stats.as_dict())
 
     recommendation = recommend(result, mp.recommend, objective_name=mp.objective)
     chosen = recommendation["weights"]
@@ -189,6 +172,26 @@ def run_merge(params: Params, *, base_dir: str | Path, self_train_dir: str | Pat
                     chosen=chosen, chosen_objective=recommendation["objective"],
                     recommendation=recommendation, deltas=deltas, objective_info=objective_info,
                     seconds=seconds, rows_skipped=skipped, objective=objective)
+
+
+def _table(result: SearchResult, names: list[str], dm: DeltaModel, objective, *,
+           train_all: bool) -> dict[str, dict]:
+    """AutoLLM's rows: no delta, train@all, each delta alone, average (1/K), sum (all ones)."""
+    def row(weights: dict[str, float]) -> dict:
+        point = result.find_point(weights)  # every one of these is a seeded trial
+        return {"weights": point.weights, "objective": point.objective, "trial": point.number}
+
+    table = {"no_delta": row({n: 0.0 for n in names})}
+    if train_all:
+        t0 = time.perf_counter()
+        dm.set_weights({TRAIN_ALL: 1.0})
+        table["train_all"] = {"weights": {"all": 1.0}, "objective": objective(dm.model),
+                              "trial": None, "seconds_eval": round(time.perf_counter() - t0, 3)}
+    for n in names:
+        table[f"delta_{n}"] = row({m: float(m == n) for m in names})
+    table["average"] = row({n: 1.0 / len(names) for n in names})
+    table["sum"] = row({n: 1.0 for n in names})
+    return table
 
 
 def recommend(result: SearchResult, policy: str, *, objective_name: str) -> dict:
