@@ -167,6 +167,17 @@ def test_delta_round_trip_through_the_cache_is_exact(delta_model, batch, tmp_pat
     assert torch.equal(logits(dm.model, batch), expected)
 
 
+def test_added_deltas_leave_the_model_in_eval_mode(tiny_model_dir, self_train_dir, batch):
+    """peft builds a new adapter's dropout in training mode; a merge is evaluated without it."""
+    base, _ = load_student(tiny_model_dir)
+    dm = DeltaModel.from_self_train(base, self_train_dir)
+    dm.add_delta("delta_a", LoraParams(r=4, alpha=8, dropout=0.5), seed=0)
+    _randomise_lora(dm.model, "delta_a", seed=3)
+    dm.set_weights({"delta_a": 1.0})
+    assert not any(m.training for m in dm.model.modules())
+    assert torch.equal(logits(dm.model, batch), logits(dm.model, batch))
+
+
 # ------------------------------------------------------------------------------ objectives
 DEV = [{"id": i, "category": "ML", "title": f"Why does model {i} overfit?",
         "question": "Training accuracy is high, validation is low. " * (1 + i),

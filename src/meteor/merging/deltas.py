@@ -93,6 +93,8 @@ class DeltaModel:
         self.deltas.append(name)
         self._layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
         self.set_weights({})
+        # peft creates the new adapter's modules (its dropout) in training mode
+        self.model.eval()
 
     def save_delta(self, name: str, out_dir: str | Path) -> None:
         """Save one delta adapter (adapter_config.json + adapter_model.safetensors) atomically."""
