@@ -175,7 +175,11 @@ def test_added_deltas_leave_the_model_in_eval_mode(tiny_model_dir, self_train_di
     _randomise_lora(dm.model, "delta_a", seed=3)
     dm.set_weights({"delta_a": 1.0})
     assert not any(m.training for m in dm.model.modules())
-    assert torch.equal(logits(dm.model, batch), logits(dm.model, batch))
+    expected = logits(dm.model, batch)
+    assert torch.equal(logits(dm.model, batch), expected)
+    dm.use_only(dm.merged_adapter({"delta_a": 1.0}))  # a new adapter copies that dropout
+    assert not any(m.training for m in dm.model.modules())
+    torch.testing.assert_close(logits(dm.model, batch), expected, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------ objectives

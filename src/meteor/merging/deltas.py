@@ -148,6 +148,7 @@ class DeltaModel:
             adapter_name=adapter_name, combination_type=combination_type)
         self._layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
         self.set_weights(weights)
+        self.model.eval()  # the new adapter's dropout is built in training mode
         return adapter_name
 
     def use_only(self, adapter_name: str) -> None:
