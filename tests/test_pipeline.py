@@ -39,6 +39,9 @@ TINY_PARAMS = {
                    "train": {"max_steps": 2, "batch_size": 2, "max_seq_len": 512}},
     # an almost untrained scorer: keep rows whatever their IFD, so that every chunk has data
     "ifd_select": {"max_ifd": 10.0, "min_answer_tokens": 2},
+    "merge": {"trials": 2, "dev_limit": 4, "eval_batch_size": 4,
+              "train": {"max_steps": 1, "batch_size": 4, "max_seq_len": 256,
+                        "lora": {"r": 4, "alpha": 8}}},
 }
 
 
@@ -77,6 +80,7 @@ def repo(tmp_path_factory):
         GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
         GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com",
         OPENAI_API_KEY=API_KEY,
+        METEOR_CACHE_DIR=str(tmp_path_factory.mktemp("meteor_cache")),  # merge's studies
     )
 
     def run(*cmd: str) -> str:
@@ -132,6 +136,7 @@ def downstream_of(stage: str) -> set[str]:
     ("base.steps", 5, {"base", "guideline", "sft", "refine"}),
     ("sft.train.lr", 1e-3, {"sft", "refine"}),
     ("self_train.beta", 0.2, {"self_train"}),
+    ("merge.trials", 3, {"merge"}),
 ])
 def test_param_change_reruns_exactly_downstream(repo, key, value, must_run):
     repo("dvc", "repro")

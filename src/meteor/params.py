@@ -407,6 +407,47 @@ class IfdSelectParams(Section):
                             "depend on it; on a CPU small batches are faster, on a GPU larger).")
 
 
+# --------------------------------------------------------------------------------------- merge
+class MergeTrainParams(TrainParams):
+    """Training of each delta (and of train@all) on top of the self-trained model. Its own
+    class, so a partial ``merge.train`` in params.yaml keeps these defaults rather than sft's."""
+
+    epochs: int = Field(1, ge=1)
+
+
+class MergeParams(Section):
+    """One LoRA delta per chunk of the selected data; weights by Bayesian optimisation."""
+
+    chunk_by: Literal["file", "category", "source"] = Field(
+        "file", description="Chunks: each data/selected/<chunk>.jsonl (ifd_select writes one per "
+                            "category), or all selected rows regrouped by their category or "
+                            "source field (distilled vs refined).")
+    train: MergeTrainParams = Field(default_factory=MergeTrainParams)
+    train_all: bool = Field(True, description="Also train the train@all baseline (one delta on "
+                                              "all selected rows), as AutoLLM's table reports.")
+    objective: Literal["nll", "judge"] = Field(
+        "nll", description="Dev objective: reference-answer NLL (teacher-forced, answer tokens "
+                           "only, deterministic; minimised) or the judge's mean score of greedy "
+                           "dev answers (params judge and generation; maximised).")
+    sampler: Literal["gp", "tpe"] = Field("gp", description="optuna GPSampler or TPESampler.")
+    trials: int = Field(16, ge=0, description="Sampler trials after the seeded points (zeros, "
+                                              "each one-hot, uniform 1/K, all-ones).")
+    w_max: float = Field(1.0, ge=1.0, description="Upper bound of every weight (>= 1: the "
+                                                  "all-ones seed must lie in the box).")
+    seed: int = Field(0, description="Sampler seed.")
+    recommend: Literal["best", "posterior_mean"] = Field(
+        "best", description="The merge saved: the best measured trial, or the argmax of the GP "
+                            "posterior mean (evaluated once as an extra trial; needs gp).")
+    dev_limit: int | None = Field(None, ge=1, description="Only the first N dev rows.")
+    eval_batch_size: int = Field(8, ge=1, description="Dev sequences per forward pass (nll).")
+
+    @model_validator(mode="after")
+    def _posterior_needs_gp(self) -> MergeParams:
+        if self.recommend == "posterior_mean" and self.sampler != "gp":
+            raise ValueError("recommend: posterior_mean needs sampler: gp")
+        return self
+
+
 class Params(Section):
     scrape: ScrapeParams = Field(default_factory=ScrapeParams)
     student: StudentParams = Field(default_factory=StudentParams)
@@ -420,6 +461,7 @@ class Params(Section):
     refine: RefineParams = Field(default_factory=RefineParams)
     self_train: SelfTrainParams = Field(default_factory=SelfTrainParams)
     ifd_select: IfdSelectParams = Field(default_factory=IfdSelectParams)
+    merge: MergeParams = Field(default_factory=MergeParams)
 
     @model_validator(mode="before")
     @classmethod
