@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,6 +21,26 @@ from meteor.params import GenerationParams
 log = logging.getLogger(__name__)
 
 Conversation = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One reply with what evaluation needs to know about how it ended (``details=True``)."""
+
+    text: str
+    tokens: int  # new tokens, the end-of-sequence token included when there is one
+    stopped: bool  # the model ended the reply itself (end-of-sequence) before max_new_tokens
+
+
+def reply_lengths(new_tokens: torch.Tensor, eos_ids: set[int]) -> list[tuple[int, bool]]:
+    """``(tokens, stopped)`` per row of generated ids: a row that never wrote an end-of-sequence
+    token ran until the batch ended, which is ``max_new_tokens`` (batches stop when all rows
+    have stopped or the limit is hit); padding only ever follows an end-of-sequence token."""
+    out = []
+    for row in new_tokens.tolist():
+        end = next((i for i, t in enumerate(row) if t in eos_ids), None)
+        out.append((len(row), False) if end is None else (end + 1, True))
+    return out
 
 
 def generation_kwargs(params: GenerationParams, **overrides: Any) -> dict[str, Any]:
@@ -98,10 +119,12 @@ def generate(
     num_beams: int = 1,
     seed: int = 0,
     progress: bool | str = True,
-) -> list[str]:
+    details: bool = False,
+) -> list[str] | list[Generation]:
     """Generate one assistant reply per conversation; return only the new text, in input order.
 
     ``progress`` is ``False`` (silent), ``True`` or a string used as the progress bar's label.
+    ``details=True`` returns :class:`Generation` objects (text, token count, whether it stopped).
     """
     if batch_size < 1 or max_new_tokens < 1 or num_beams < 1:
         raise ValueError(f"batch_size ({batch_size}), max_new_tokens ({max_new_tokens}) and "
@@ -115,7 +138,9 @@ def generate(
                                 no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams)
     # Longest first: similar lengths share a batch, and an out-of-memory error shows up at once.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    results: list[str | None] = [None] * len(prompts)
+    results: list[str | Generation | None] = [None] * len(prompts)
+    eos = decoding["eos_token_id"]
+    eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -133,8 +158,9 @@ def generate(
                                      **decoding)
                 new_tokens = out[:, input_ids.shape[1]:]  # left padding: every prompt ends at the same column
                 texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-                for i, text in zip(batch, texts):
-                    results[i] = text.strip()
+                lengths = reply_lengths(new_tokens, eos_ids) if details else [None] * len(batch)
+                for i, text, length in zip(batch, texts, lengths):
+                    results[i] = text.strip() if length is None else Generation(text.strip(), *length)
                 bar.update(len(batch))
     finally:
         bar.close()
