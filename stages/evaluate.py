@@ -1,7 +1,7 @@
 """Stage evaluate@<model>: one model of the journey answers the test questions; objective metrics.
 
-Loads models/<model> (a save_pretrained dir or a LoRA adapter on models/base; on the GPU when
-there is one) and answers every question of data/scraped/test.jsonl with the student prompt
+Loads models/<model> (a save_pretrained dir or a LoRA adapter on models/base, merged into the base
+weights for speed; on the GPU when there is one) and answers every question of data/scraped/test.jsonl with the student prompt
 (chat template, greedy, batched, ``evaluate.max_new_tokens`` for every model). For each question
 it also computes the perplexity of the accepted answer given the question (answer tokens only, as
 training encodes it) and the answer's ROUGE-L against the accepted answer.
@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from meteor.evaluation.answers import answer_questions, answer_rows, reference_nll
+from meteor.evaluation.answers import (answer_questions, answer_rows, for_inference,
+                                      reference_nll)
 from meteor.evaluation.questions import SKIP_REASONS, usable_questions
 from meteor.io import read_jsonl, write_json, write_jsonl
 from meteor.params import load_params
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_student(model_dir, dtype=params.student.dtype,
                                     trust_remote_code=params.student.trust_remote_code)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+    model = for_inference(model, device)
 
     t0 = time.perf_counter()
     generations = answer_questions(model, tokenizer, questions, ev, progress=f"{args.model} answers")

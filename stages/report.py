@@ -9,7 +9,7 @@ consistency, mean-score difference, each with a seeded bootstrap interval over q
 
 Writes eval/report.md (the METEOR-format table, the journey table, per-category table, judgment
 counts), eval/judgments.jsonl (every judgment of every model, in journey order), eval/journey.json
-(the ``dvc plots`` data), eval/journey.png and metrics/eval.json (``sft.win_share.accuracy``,
+and eval/win_share.json (the ``dvc plots`` data), eval/journey.png and metrics/eval.json (``sft.win_share.accuracy``,
 ``refine.rouge_l``, ``merged.ppl``, ...; compare commits with ``dvc metrics diff``).
 
 Run alone:  python stages/report.py       (or: dvc repro report)
@@ -33,6 +33,7 @@ JUDGE = Path("eval/judge")
 REPORT = Path("eval/report.md")
 JUDGMENTS = Path("eval/judgments.jsonl")
 JOURNEY = Path("eval/journey.json")
+WIN_SHARE = Path("eval/win_share.json")
 PLOT = Path("eval/journey.png")
 METRICS = Path("metrics/eval.json")
 log = logging.getLogger("report")
@@ -55,8 +56,10 @@ def main() -> int:
     with atomic_path(REPORT) as tmp:
         tmp.write_text(text, encoding="utf-8")
     write_jsonl(JUDGMENTS, (r for m in ev.models for r in judgments[m]))
-    with atomic_path(JOURNEY) as tmp:
-        tmp.write_text(json.dumps(journey_points(results), indent=2) + "\n", encoding="utf-8")
+    points, shares = journey_points(results)
+    for path, data in ((JOURNEY, points), (WIN_SHARE, shares)):
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     with atomic_path(PLOT) as tmp:
         plot_journey(results, tmp, baseline=ev.baseline)
     metrics = eval_metrics(results, ev.criteria)

@@ -474,9 +474,36 @@ def test_stage_scripts_on_tiny_params(tiny_model_dir, tmp_path, monkeypatch):
     assert "METEOR-format table" in text and "| sft w/o journey (base)" in text
     assert Path("eval/journey.png").read_bytes()[:4] == b"\x89PNG"
     points = json.loads(Path("eval/journey.json").read_text())
-    assert [p["model"] for p in points] == ["base", "sft"] and "win_share" in points[1]
+    assert [p["model"] for p in points] == ["base", "sft"]
+    assert len({tuple(sorted(p)) for p in points}) == 1  # same keys everywhere (dvc plots)
+    shares = json.loads(Path("eval/win_share.json").read_text())
+    assert [p["model"] for p in shares] == ["sft"] and 0 <= shares[0]["win_share"] <= 1
     stage_metrics = json.loads(Path("metrics/evaluate/sft.json").read_text())
     assert stage_metrics["questions"] == 5 and stage_metrics["device"] in ("cpu", "cuda")
 
     with pytest.raises(SystemExit):  # not in evaluate.models: refused, naming the key
         evaluate.main(["refine"])
+
+
+def test_for_inference_merges_a_lora_adapter_into_the_same_function(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from meteor.evaluation.answers import for_inference
+    from meteor.params import LoraParams
+    from meteor.training import make_trainable
+
+    model = make_trainable(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraParams(r=2, alpha=4, dropout=0.0), seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.05)
+    ids = torch.tensor([[1, 7, 9, 12, 30, 2]])
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids).logits
+        merged = for_inference(model, "cpu")
+        got = merged(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=ids).logits
+    assert not hasattr(merged, "merge_and_unload") and not merged.training
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(plain, expected, atol=1e-3)  # the adapter does change the model

@@ -6,9 +6,6 @@ import logging
 import os
 import random
 
-import numpy as np
-import torch
-
 
 def setup_logging(level: str | int = "INFO") -> None:
     logging.basicConfig(
@@ -26,6 +23,9 @@ def seed_everything(seed: int) -> None:
 
     The string-hash seed cannot be set from inside a running process, so nothing saved may depend
     on the iteration order of a set of strings (see ``meteor.training.lora._sort_target_modules``)."""
+    import numpy as np  # here, not at the top: stages that only log (judge, report) skip torch
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -34,6 +34,14 @@ from meteor.training.data import IGNORE_INDEX, PadCollator, encode_examples, que
 
 log = logging.getLogger(__name__)
 
+def for_inference(model, device: str | torch.device):
+    """``model`` on ``device`` in eval mode, a LoRA adapter merged into its base weights: the same
+    function with half the matrix products per layer (the adapter's A and B fold into W)."""
+    if hasattr(model, "merge_and_unload"):  # a peft model
+        model = model.merge_and_unload()
+    return model.to(device).eval()
+
+
 def answer_questions(model, tokenizer, rows: Sequence[dict], params: EvaluateParams, *,
                      progress: bool | str = True) -> list[Generation]:
     """Greedy answers to ``rows`` (test questions), in order, with token counts and stop flags."""

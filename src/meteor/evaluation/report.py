@@ -226,18 +226,26 @@ def eval_metrics(results: Sequence[ModelResult], criteria: Sequence[str]) -> dic
     return _clean(out)
 
 
-def journey_points(results: Sequence[ModelResult]) -> list[dict]:
-    """Rows of ``eval/journey.json`` (the ``dvc plots`` data): one per model, in journey order."""
-    points = []
+def journey_points(results: Sequence[ModelResult]) -> tuple[list[dict], list[dict]]:
+    """The ``dvc plots`` data: one point per model (``eval/journey.json``) and one per model
+    compared with the baseline (``eval/win_share.json``). Every point of a file has the same keys
+    (``dvc plots`` needs it); a statistic that could not be computed is ``null``."""
+    points, shares = [], []
     for step, r in enumerate(results):
         o = r.objective[OVERALL]
-        p = {"step": step, "model": r.name, "ppl": o["ppl"], "rouge_l": o["rouge_l"],
-             "length": o["length"], "stop_rate": o["stop_rate"], "judge_score": r.scores[OVERALL]}
+        points.append({"step": step, "model": r.name, "ppl": _round(o["ppl"]),
+                       "rouge_l": _round(o["rouge_l"]), "length": _round(o["length"]),
+                       "stop_rate": _round(o["stop_rate"]),
+                       "judge_score": _round(r.scores[OVERALL])})
         if r.shares is not None:
             s = r.shares[OVERALL]["share"]
-            p.update(win_share=s["value"], win_share_low=s["low"], win_share_high=s["high"])
-        points.append(_clean(p))
-    return points
+            shares.append({"step": step, "model": r.name, "win_share": _round(s["value"]),
+                           "win_share_low": _round(s["low"]), "win_share_high": _round(s["high"])})
+    return points, shares
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
 
 
 # ------------------------------------------------------------------------------------- text
