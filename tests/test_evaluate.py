@@ -25,7 +25,7 @@ from meteor.evaluation.report import (eval_metrics, journey_table, meteor_table,
                                       render_report, summarize)
 from meteor.params import JUDGE_CRITERIA, BootstrapParams, EvaluateParams, TeacherParams
 from meteor.prompts import student_answer_messages
-from meteor.student.generate import Generation, generate, reply_lengths
+from meteor.student.generate import Generation, _generated_length, generate
 from meteor.student.load import load_student
 from meteor.teacher.base import (CRITERIA, Comparison, CriterionPreference, CriterionScore, Scores,
                                  Teacher, TeacherResult, TeacherStats)
@@ -239,7 +239,7 @@ def test_truncated_and_unscored_reference_answers_are_counted(student):
     [gone] = reference_nll(model, tokenizer, [row], max_seq_len=prompt_len - 1, batch_size=2,
                            progress=False)
     assert gone.tokens == 0 and gone.ppl is None and gone.truncated
-    rows = answer_rows([row, row], [Generation("a b", 2, True), Generation("c", 1, False)],
+    rows = answer_rows([row, row], [Generation("a b", 2, 0.1, True), Generation("c", 1, 0.1)],
                        [cut, gone])
     summary = objective_metrics(rows)["overall"]
     assert summary["ref_truncated"] == 2 and summary["ref_unscored"] == 1
@@ -252,13 +252,12 @@ def test_generation_details_count_tokens_and_stops(student):
     convs = [student_answer_messages(q) for q in QUESTIONS[:4]]
     plain = generate(model, tokenizer, convs, max_new_tokens=6, batch_size=2, progress=False)
     detailed = generate(model, tokenizer, convs, max_new_tokens=6, batch_size=2, progress=False,
-                        details=True)
+                        return_stats=True)
     assert [g.text for g in detailed] == plain
     assert all(1 <= g.tokens <= 6 and (g.stopped or g.tokens == 6) for g in detailed)
     eos = 2
-    lengths = reply_lengths(torch.tensor([[5, 6, eos, 0, 0], [5, 6, 7, 8, 9], [eos, 0, 0, 0, 0]]),
-                            {eos})
-    assert lengths == [(3, True), (5, False), (1, True)]
+    assert [_generated_length(r, {eos}) for r in ([5, 6, eos, 0, 0], [5, 6, 7, 8, 9], [eos, 0])] \
+        == [3, 5, 1]
 
 
 # ------------------------------------------------------------------------------------ report

@@ -134,6 +134,11 @@ def test_repro_runs_all_then_nothing(repo):
     for stage, entry in lock.items():  # every stage writes its metrics, and every out exists
         assert any(o["path"].startswith("metrics/") for o in entry["outs"]), stage
         assert all((repo.path / o["path"]).exists() for o in entry["outs"]), stage
+    out = repo("dvc", "plots", "show", "--json")
+    plots, _ = json.JSONDecoder().raw_decode(out[out.index("{"):])  # stdout first, then stderr
+    journey = {name: points for name, points in plots["data"].items() if name.startswith("journey")}
+    assert journey and all(journey.values()), plots
+    assert not [e for e in plots.get("errors") or [] if e["name"].startswith("journey")], plots
     # the API key in the environment never reaches any file the pipeline wrote
     written = [f for f in repo.path.rglob("*") if f.is_file() and ".git" not in f.parts]
     assert any(f.name == "dvc.lock" for f in written)

@@ -50,7 +50,7 @@ def answer_questions(model, tokenizer, rows: Sequence[dict], params: EvaluatePar
                     batch_size=params.batch_size, do_sample=False,
                     repetition_penalty=params.repetition_penalty,
                     no_repeat_ngram_size=params.no_repeat_ngram_size, progress=progress,
-                    details=True)
+                    return_stats=True)
 
 
 @dataclass(frozen=True)

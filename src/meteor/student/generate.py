@@ -9,6 +9,7 @@ Sampling is seeded per call: the same inputs, seed and batch size give the same 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,22 +26,12 @@ Conversation = list[dict[str, str]]
 
 @dataclass(frozen=True)
 class Generation:
-    """One reply with what evaluation needs to know about how it ended (``details=True``)."""
+    """One reply with what it cost (``generate(..., return_stats=True)``)."""
 
     text: str
-    tokens: int  # new tokens, the end-of-sequence token included when there is one
-    stopped: bool  # the model ended the reply itself (end-of-sequence) before max_new_tokens
-
-
-def reply_lengths(new_tokens: torch.Tensor, eos_ids: set[int]) -> list[tuple[int, bool]]:
-    """``(tokens, stopped)`` per row of generated ids: a row that never wrote an end-of-sequence
-    token ran until the batch ended, which is ``max_new_tokens`` (batches stop when all rows
-    have stopped or the limit is hit); padding only ever follows an end-of-sequence token."""
-    out = []
-    for row in new_tokens.tolist():
-        end = next((i for i, t in enumerate(row) if t in eos_ids), None)
-        out.append((len(row), False) if end is None else (end + 1, True))
-    return out
+    tokens: int  # generated tokens, up to and including the first end token (no padding)
+    seconds: float  # wall time of the batch it was decoded in, divided by the batch size
+    stopped: bool = False  # the model ended the reply itself (an end token), not max_new_tokens
 
 
 def generation_kwargs(params: GenerationParams, **overrides: Any) -> dict[str, Any]:
@@ -119,12 +110,13 @@ def generate(
     num_beams: int = 1,
     seed: int = 0,
     progress: bool | str = True,
-    details: bool = False,
+    return_stats: bool = False,
 ) -> list[str] | list[Generation]:
     """Generate one assistant reply per conversation; return only the new text, in input order.
 
     ``progress`` is ``False`` (silent), ``True`` or a string used as the progress bar's label.
-    ``details=True`` returns :class:`Generation` objects (text, token count, whether it stopped).
+    ``return_stats`` returns :class:`Generation` records (text, generated tokens, seconds, stopped) instead
+    of plain strings, so a caller can measure what a decoding costs (self_train: beam vs greedy).
     """
     if batch_size < 1 or max_new_tokens < 1 or num_beams < 1:
         raise ValueError(f"batch_size ({batch_size}), max_new_tokens ({max_new_tokens}) and "
@@ -138,9 +130,9 @@ def generate(
                                 no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams)
     # Longest first: similar lengths share a batch, and an out-of-memory error shows up at once.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    results: list[str | Generation | None] = [None] * len(prompts)
-    eos = decoding["eos_token_id"]
-    eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    results: list[Generation | None] = [None] * len(prompts)
+    end_ids = decoding["eos_token_id"]
+    end_ids = set(end_ids if isinstance(end_ids, list) else [end_ids]) - {None}
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -154,15 +146,27 @@ def generate(
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
                 input_ids, attention_mask = left_pad([prompts[i] for i in batch], decoding["pad_token_id"])
+                started = time.perf_counter()
                 out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                      **decoding)
                 new_tokens = out[:, input_ids.shape[1]:]  # left padding: every prompt ends at the same column
                 texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-                lengths = reply_lengths(new_tokens, eos_ids) if details else [None] * len(batch)
-                for i, text, length in zip(batch, texts, lengths):
-                    results[i] = text.strip() if length is None else Generation(text.strip(), *length)
+                seconds = (time.perf_counter() - started) / len(batch)
+                for i, text, row in zip(batch, texts, new_tokens.tolist()):
+                    results[i] = Generation(text.strip(), _generated_length(row, end_ids), seconds,
+                                            stopped=any(t in end_ids for t in row))
                 bar.update(len(batch))
     finally:
         bar.close()
         model.train(was_training)
-    return results  # type: ignore[return-value]
+    if return_stats:
+        return results  # type: ignore[return-value]
+    return [r.text for r in results]  # type: ignore[union-attr]
+
+
+def _generated_length(row: list[int], end_ids: set[int]) -> int:
+    """Tokens a reply took: up to and including its first end token; the rest is padding."""
+    for position, token in enumerate(row):
+        if token in end_ids:
+            return position + 1
+    return len(row)
