@@ -106,14 +106,14 @@ def test_offline_stage_end_to_end(tmp_path, monkeypatch):
 
     assert metrics["rows"] == 4 and metrics["failed"] == 0 and not metrics["budget_stopped"]
     quality = metrics["quality"]
-    assert quality["n"] == quality["sample"] == 3
-    assert quality["with_guideline_used"] == 2  # ids 11 and 13; 12 was degenerate
+    # Only ids 11 and 13 have a usable guideline: 12 and 14 are passed over, not compared.
+    assert quality["n"] == quality["sample"] == 2 and quality["skipped_degenerate"] == 2
     for key in ("with_guideline", "without_guideline"):
         assert 1 <= quality[key] <= 10
         assert set(quality["per_criterion"][key]) == set(CRITERIA)
     assert quality["gain"] == pytest.approx(quality["with_guideline"] - quality["without_guideline"])
-    # 4 answers + 2 fresh answers without guideline; the judge scored 3 pairs.
-    assert metrics["teacher"]["calls"] == 6 and metrics["judge"]["calls"] == 6
+    # 4 answers + 2 fresh answers without guideline; the judge scored 2 pairs.
+    assert metrics["teacher"]["calls"] == 6 and metrics["judge"]["calls"] == 4
     assert {"cache_hits", "failures", "tokens", "cost_usd"} <= set(metrics["teacher"])
 
 
@@ -151,9 +151,11 @@ def test_faulty_server_every_row_present_or_failed_with_usage(tmp_path):
     assert rows[2]["answer"] is None and rows[2]["error"].startswith("empty reply")
     # The reference answer is never sent to the teacher or the judge.
     assert not any(q["answer"] in json.dumps(b) for q in QUESTIONS for b in bodies)
-    # Ids 11, 12, 14 have both answers and are scored 7 by the fake judge; 13 has none.
+    # Ids 11 and 13 have a usable guideline; 13 gets no answer, so only 11 is a pair (scored 7
+    # by the fake judge).
     quality = ablation.quality
-    assert quality["n"] == 3 and quality["with_guideline"] == quality["without_guideline"] == 7.0
+    assert quality["sample"] == 2 and quality["skipped_degenerate"] == 2
+    assert quality["n"] == 1 and quality["with_guideline"] == quality["without_guideline"] == 7.0
     assert ablation.failures == {"teacher: empty reply (finish_reason=stop)": 1}
     assert teacher.stats.failures == 2 and judge.stats.failures == 0
 
@@ -164,7 +166,9 @@ def test_budget_stop_exits_non_zero_then_resumes_from_the_cache(tmp_path, monkey
         teacher = {"backend": "openai", "model": "fake-model", "base_url": server.base_url,
                    "cache_dir": str(tmp_path / "cache"), "max_concurrency": 1,
                    "prices": expensive, "budget_usd": 1.0}
-        write_workdir(tmp_path, {"teacher": teacher, "distill": {"ablation_size": 2}})
+        offline_judge = {"backend": "offline", "model": "offline-reference"}  # else it inherits
+        write_workdir(tmp_path, {"teacher": teacher, "judge": offline_judge,
+                                 "distill": {"ablation_size": 2}})
         rc, rows, metrics = run_stage(tmp_path, monkeypatch)
         assert rc == 3  # DVC must not take a budget-stopped run as complete
         assert [r["id"] for r in rows] == [11, 12, 13, 14]
@@ -174,9 +178,104 @@ def test_budget_stop_exits_non_zero_then_resumes_from_the_cache(tmp_path, monkey
         assert metrics["teacher"]["calls"] == 1 and server.calls == 1
 
         teacher["budget_usd"] = None
-        write_workdir(tmp_path, {"teacher": teacher, "distill": {"ablation_size": 2}})
+        write_workdir(tmp_path, {"teacher": teacher, "judge": offline_judge,
+                                 "distill": {"ablation_size": 2}})
         rc, rows, metrics = run_stage(tmp_path, monkeypatch)
         assert rc == 0 and all(r["ok"] for r in rows)
         assert metrics["teacher"]["cache_hits"] >= 1  # the call paid for before is not repeated
-        # 3 missing answers + 1 answer without guideline (id 11; 12 had none to drop).
-        assert server.calls == 1 + 3 + 1
+        # 3 missing answers + 2 answers without guideline (ids 11 and 13: 12 had none to drop).
+        assert server.calls == 1 + 3 + 2
+
+
+def _inputs(order: list[int]) -> list:
+    by_id = {q["id"]: q for q in QUESTIONS}
+    return distill_inputs(guideline_rows([by_id[i] for i in order]), QUESTIONS)
+
+
+def test_ablation_compares_only_questions_whose_guideline_was_used():
+    teacher = make_teacher(TeacherParams())
+    inputs = _inputs([12, 14, 11, 13])  # the two degenerate guidelines come first
+    rows = distill_rows(teacher, inputs)
+    ablation = guideline_ablation(teacher, make_teacher(TeacherParams()), inputs, rows, size=1)
+    quality = ablation.quality
+    # The sample passes over 12 and 14 and takes 11: its two answers really differ.
+    assert quality["sample"] == quality["n"] == 1 and quality["skipped_degenerate"] == 2
+    assert rows[2]["answer"] != teacher.answer([QUESTIONS[0]], [None])[0].text
+    assert quality["with_guideline"] != quality["without_guideline"]  # the offline judge tells apart
+    assert quality["gain"] == pytest.approx(quality["with_guideline"] - quality["without_guideline"])
+
+
+def test_ablation_without_any_usable_guideline_reports_nothing_not_a_tie():
+    teacher, judge = make_teacher(TeacherParams()), make_teacher(TeacherParams())
+    inputs = _inputs([12, 14])  # both degenerate
+    rows = distill_rows(teacher, inputs)
+    calls = teacher.stats.calls
+    quality = guideline_ablation(teacher, judge, inputs, rows, size=20).quality
+    assert quality["n"] == quality["sample"] == 0 and quality["skipped_degenerate"] == 2
+    assert quality["with_guideline"] is quality["without_guideline"] is quality["gain"] is None
+    assert set(quality["per_criterion"]["with_guideline"].values()) == {None}
+    assert teacher.stats.calls == calls and judge.stats.calls == 0  # nothing asked
+
+
+def test_budget_is_cumulative_across_reruns_until_the_stage_completes(tmp_path, monkeypatch):
+    from meteor.teacher.cache import ResponseCache
+
+    with FakeOpenAIServer() as server:
+        expensive = {"fake-model": {"input": 1e6, "output": 1e6}}  # every call costs > 1 USD
+        teacher = {"backend": "openai", "model": "fake-model", "base_url": server.base_url,
+                   "cache_dir": str(tmp_path / "cache"), "max_concurrency": 1,
+                   "prices": expensive, "budget_usd": 1.0}
+        write_workdir(tmp_path, {"teacher": teacher, "distill": {"ablation_size": 0}})
+        rc, _, first = run_stage(tmp_path, monkeypatch)
+        assert rc == 3 and server.calls == 1
+        # The same budget again: it is spent already, so no call is made (a per-run budget
+        # would pay for one more).
+        rc, rows, metrics = run_stage(tmp_path, monkeypatch)
+        assert rc == 3 and server.calls == 1
+        assert [r["ok"] for r in rows] == [True, False, False, False]
+        spend = metrics["teacher"]
+        assert spend["budget_counts"].startswith("cumulative") and spend["cost_usd"] == 0
+        assert spend["spent_before_run_usd"] == first["teacher"]["cost_usd"] > 1.0
+        assert spend["spent_total_usd"] == spend["spent_before_run_usd"]
+        # Raising it resumes; completing clears the ledger, so the next run has the full budget.
+        teacher["budget_usd"] = 1e9
+        write_workdir(tmp_path, {"teacher": teacher, "distill": {"ablation_size": 0}})
+        rc, rows, metrics = run_stage(tmp_path, monkeypatch)
+        assert rc == 0 and all(r["ok"] for r in rows) and server.calls == 4
+        assert metrics["complete"] and metrics["teacher"]["spent_total_usd"] > first["teacher"]["cost_usd"]
+        with ResponseCache(tmp_path / "cache") as cache:
+            assert cache.spent("distill/teacher") == 0.0
+
+
+def test_too_many_failed_calls_fail_the_stage_and_a_rerun_takes_the_rest_from_the_cache(
+        tmp_path, monkeypatch):
+    with FakeOpenAIServer(Faults(rate_500=0.5, seed=3)) as server:
+        teacher = {"backend": "openai", "model": "fake-model", "base_url": server.base_url,
+                   "cache_dir": str(tmp_path / "cache"), "max_concurrency": 2, "max_retries": 0}
+        write_workdir(tmp_path, {"teacher": teacher, "distill": {"ablation_size": 0}})
+        rc, rows, metrics = run_stage(tmp_path, monkeypatch)
+        failed = [r["id"] for r in rows if not r["ok"]]
+        assert 0 < len(failed) < len(rows), "the seed must fail some calls, not all"
+        assert rc == 3 and not metrics["complete"]  # outputs and metrics written, then non-zero
+        assert metrics["failed_fraction"] == len(failed) / 4 > metrics["max_failed_fraction"]
+        assert server.log.outcomes["500"] == len(failed)
+        finished = server.log.ok_bodies.copy()
+
+        server.faults = Faults()  # the endpoint recovers
+        calls_before = server.calls
+        rc, rows, metrics = run_stage(tmp_path, monkeypatch)
+        assert rc == 0 and metrics["complete"] and all(r["ok"] for r in rows)
+        assert server.calls - calls_before == len(failed)  # only the failed items are asked again
+        assert all(server.log.ok_bodies[b] == 1 for b in finished)
+        assert metrics["teacher"]["cache_hits"] == 4 - len(failed)
+
+
+def test_max_failed_fraction_tolerates_what_it_says(tmp_path, monkeypatch):
+    with FakeOpenAIServer(responder=empty_reply_for_blue_images) as server:  # 1 of 4 rows fails
+        teacher = {"backend": "openai", "model": "fake-model", "base_url": server.base_url,
+                   "cache_dir": str(tmp_path / "cache"), "max_retries": 0}
+        for allowed, want_rc in ((0.25, 0), (0.2, 3)):
+            write_workdir(tmp_path, {"teacher": teacher, "distill": {
+                "ablation_size": 0, "max_failed_fraction": allowed}})
+            rc, _, metrics = run_stage(tmp_path, monkeypatch)
+            assert (rc, metrics["failed_fraction"]) == (want_rc, 0.25)

@@ -31,7 +31,7 @@ from meteor.teacher.base import (CRITERIA, Comparison, CriterionPreference, Crit
                                  Teacher, TeacherResult, TeacherStats)
 from meteor.teacher.chat import ChatTeacher
 from meteor.teacher.openai_backend import OpenAIBackend
-from meteor.textmetrics import rouge_l_f
+from meteor.textmetrics import rouge_l
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOT = BootstrapParams(samples=500, seed=0)
@@ -182,11 +182,11 @@ def test_baseline_is_only_scored():
 def test_rouge_l_matches_rouge_score_and_a_hand_computation():
     reference, answer = "The cat sat on the mat.", "the cat lay on the mat"
     # LCS "the cat on the mat" = 5 of 6 tokens on both sides -> P = R = F = 5/6
-    assert rouge_l_f(answer, reference) == pytest.approx(5 / 6)
+    assert rouge_l(answer, reference).f1 == pytest.approx(5 / 6)
     expected = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, answer)
-    assert rouge_l_f(answer, reference) == pytest.approx(expected["rougeL"].fmeasure)
-    assert rouge_l_f("models overfit", "model overfits") == pytest.approx(1.0)  # stemmer
-    assert rouge_l_f("", reference) == 0.0
+    assert rouge_l(answer, reference).f1 == pytest.approx(expected["rougeL"].fmeasure)
+    assert rouge_l("models overfit", "model overfits").f1 == pytest.approx(1.0)  # stemmer
+    assert rouge_l("", reference).f1 == 0.0
 
 
 # -------------------------------------------------------------------------------- perplexity

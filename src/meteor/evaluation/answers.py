@@ -10,7 +10,7 @@
   truncation), so "the model got better at the answers it was trained towards" and "perplexity
   fell" measure the same tokens. The corpus perplexity is ``exp(total NLL / total answer tokens)``
   (token-weighted, so long answers weigh by their length, as in language-model evaluation).
-- ROUGE-L F of the answer against the accepted answer (:func:`meteor.textmetrics.rouge_l_f`).
+- ROUGE-L F of the answer against the accepted answer (:func:`meteor.textmetrics.rouge_l`).
 
 Summaries (overall and per category): :func:`meteor.evaluation.aggregate.objective_metrics`.
 """
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from meteor.params import EvaluateParams
 from meteor.prompts import student_answer_messages
 from meteor.student.generate import Generation, generate
-from meteor.textmetrics import rouge_l_f
+from meteor.textmetrics import rouge_l
 from meteor.training.data import IGNORE_INDEX, PadCollator, encode_examples, question_answer_example
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def answer_rows(rows: Sequence[dict], generations: Sequence[Generation],
             "answer": gen.text,
             "tokens": gen.tokens,
             "stopped": gen.stopped,
-            "rouge_l": round(rouge_l_f(gen.text, row["answer"]), 6),
+            "rouge_l": round(rouge_l(gen.text, row["answer"]).f1, 6),
             "ref_nll": round(ref.nll, 6),
             "ref_tokens": ref.tokens,
             "ref_truncated": ref.truncated,
