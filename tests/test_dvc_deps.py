@@ -57,7 +57,9 @@ def allowed_unlisted(module: Path) -> str | None:
 
 
 def stages() -> dict[str, dict]:
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    """Each stage's definition; a ``foreach`` group (``evaluate``) by its ``do`` template."""
+    return {name: stage.get("do", stage)
+            for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items()}
 
 
 def script_of(stage: dict) -> Path:

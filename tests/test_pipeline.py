@@ -1,7 +1,9 @@
 """The pipeline under real DVC, in a temporary git + DVC copy of this repo with tiny params.
 
 `dvc repro` runs every stage; a second `dvc repro` runs nothing; a param change re-runs exactly the
-stages downstream of it; `dvc exp run -S` and `dvc metrics diff` work.
+stages downstream of it; `dvc exp run -S` and `dvc metrics diff` work. Stage names and the DAG
+come from DVC itself (`dvc stage list`, `dvc dag --dot`), so `foreach` stages (`evaluate@sft`)
+and branches of the DAG are handled.
 """
 
 from __future__ import annotations
@@ -21,6 +23,18 @@ import yaml
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def journey_present() -> list[str]:
+    """The models of the default ``evaluate.models`` that a stage of dvc.yaml writes (a model whose
+    stage is not in this checkout yet is left out)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    outs = {o if isinstance(o, str) else next(iter(o))
+            for stage in stages.values() for o in stage.get("outs", [])}
+    models = yaml.safe_load((ROOT / "params.yaml").read_text())["evaluate"]["models"]
+    return [m for m in models if f"models/{m}" in outs]
+
+
 API_KEY = f"sk-test-{uuid.uuid4().hex}"  # made at run time, so no source file contains it
 
 # Small enough that a full `dvc repro` takes about a minute on 2 CPU cores.
@@ -42,6 +56,8 @@ TINY_PARAMS = {
     "merge": {"trials": 2, "dev_limit": 4, "eval_batch_size": 4,
               "train": {"max_steps": 1, "batch_size": 4, "max_seq_len": 256,
                         "lora": {"r": 4, "alpha": 8}}},
+    "evaluate": {"models": journey_present(), "max_new_tokens": 12, "batch_size": 8,
+                 "bootstrap": {"samples": 200}},
 }
 
 
@@ -51,12 +67,30 @@ def deep_update(base: dict, new: dict) -> dict:
     return base
 
 
-def stages_in_dvc_yaml() -> list[str]:
-    return list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+def stages(repo) -> list[str]:
+    """Every stage, ``foreach`` ones expanded (``evaluate@sft``), as DVC lists them."""
+    return repo("dvc", "stage", "list", "--name-only").split()
+
+
+def dag_edges(repo) -> list[tuple[str, str]]:
+    return re.findall(r'"([^"]+)" -> "([^"]+)"', repo("dvc", "dag", "--dot"))
+
+
+def downstream_of(repo, *starts: str) -> set[str]:
+    """``starts`` and every stage that depends on them, directly or not (the real DAG)."""
+    edges = dag_edges(repo)
+    seen, todo = set(starts), list(starts)
+    while todo:
+        node = todo.pop()
+        for a, b in edges:
+            if a == node and b not in seen:
+                seen.add(b)
+                todo.append(b)
+    return seen
 
 
 def ran(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([\w-]+)'", output))
+    return set(re.findall(r"Running stage '([\w@-]+)'", output))
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +132,21 @@ def repo(tmp_path_factory):
 
 def test_repro_runs_all_then_nothing(repo):
     first = repo("dvc", "repro")
-    assert ran(first) == set(stages_in_dvc_yaml())
+    assert ran(first) == set(stages(repo))
+    assert {f"evaluate@{m}" for m in TINY_PARAMS["evaluate"]["models"]} <= ran(first)
     assert ran(repo("dvc", "repro")) == set()
     status = json.loads(repo("dvc", "status", "--json"))
     assert status == {}
-    for stage in stages_in_dvc_yaml():
-        assert (repo.path / "metrics" / f"{stage}.json").exists()
+    lock = yaml.safe_load((repo.path / "dvc.lock").read_text())["stages"]
+    assert set(lock) == set(stages(repo))
+    for stage, entry in lock.items():  # every stage writes its metrics, and every out exists
+        assert any(o["path"].startswith("metrics/") for o in entry["outs"]), stage
+        assert all((repo.path / o["path"]).exists() for o in entry["outs"]), stage
+    out = repo("dvc", "plots", "show", "--json")
+    plots, _ = json.JSONDecoder().raw_decode(out[out.index("{"):])  # stdout first, then stderr
+    journey = {name: points for name, points in plots["data"].items() if name.startswith("journey")}
+    assert journey and all(journey.values()), plots
+    assert not [e for e in plots.get("errors") or [] if e["name"].startswith("journey")], plots
     # the API key in the environment never reaches any file the pipeline wrote
     written = [f for f in repo.path.rglob("*") if f.is_file() and ".git" not in f.parts]
     assert any(f.name == "dvc.lock" for f in written)
@@ -122,47 +165,68 @@ def test_two_clean_runs_give_identical_outputs(repo):
     repo("dvc", "repro")
     first = out_hashes(repo.path)
     out = repo("dvc", "repro", "--force", "--no-run-cache")
-    assert ran(out) == set(stages_in_dvc_yaml())
+    assert ran(out) == set(stages(repo))
     assert out_hashes(repo.path) == first
 
 
-def downstream_of(stage: str) -> set[str]:
-    order = stages_in_dvc_yaml()  # stages are declared in DAG order (a linear chain)
-    return set(order[order.index(stage):])
+def set_param(repo, key: str, value) -> None:
+    params_file = repo.path / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    *path, last = key.split(".")
+    node = params
+    for k in path:
+        node = node[k]
+    node[last] = value
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+EVALUATED = TINY_PARAMS["evaluate"]["models"]
 
 
 @pytest.mark.parametrize("key, value, must_run", [
     ("scrape.workers", 1, set()),  # not a dependency: changes nothing
-    ("base.steps", 5, {"base", "guideline", "sft", "refine"}),
-    ("sft.train.lr", 1e-3, {"sft", "refine"}),
+    ("base.steps", 5, {"base", "guideline", "sft", "refine", "evaluate@base"}),
+    ("sft.train.lr", 1e-3, {"sft", "refine", "evaluate@sft"}),
     ("self_train.beta", 0.2, {"self_train"}),
     ("merge.trials", 3, {"merge"}),
+    ("evaluate.bootstrap.seed", 1, {"report"}),  # aggregation only: no answer, no judge call
 ])
 def test_param_change_reruns_exactly_downstream(repo, key, value, must_run):
     repo("dvc", "repro")
-    params_file = repo.path / "params.yaml"
-    params = yaml.safe_load(params_file.read_text())
-    section, *rest = key.split(".")
-    node = params[section]
-    for k in rest[:-1]:
-        node = node[k]
-    node[rest[-1]] = value
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    set_param(repo, key, value)
     out = repo("dvc", "repro", "--no-run-cache")
     # Upstream stages never re-run. A downstream stage re-runs when one of its inputs changed:
     # e.g. distill is skipped when the new base model happens to write the same guidelines.
-    assert must_run <= ran(out) <= (downstream_of(section) if must_run else set()), out
+    assert must_run <= ran(out) <= (downstream_of(repo, *must_run) if must_run else set()), out
     repo("git", "add", "-A")
     repo("git", "commit", "-qm", f"set {key}")
+
+
+def test_evaluate_param_reruns_only_evaluation_and_metrics_diff_shows_eval_keys(repo):
+    repo("dvc", "repro")
+    repo("git", "add", "-A")
+    repo("git", "commit", "-qm", "before evaluate change", "--allow-empty")
+    set_param(repo, "evaluate.max_new_tokens", 8)
+    out = repo("dvc", "repro", "--no-run-cache")
+    evaluation = {s for s in stages(repo) if s.startswith(("evaluate@", "judge@"))} | {"report"}
+    answers = {f"evaluate@{m}" for m in EVALUATED}
+    assert answers <= ran(out) <= evaluation, out
+    diff = json.loads(repo("dvc", "metrics", "diff", "HEAD", "--json"))
+    last = EVALUATED[-1]
+    assert f"{last}.length" in diff.get("metrics/eval.json", {}), diff  # 12 -> at most 8 tokens
+    every = json.loads(repo("dvc", "metrics", "diff", "HEAD", "--all", "--json"))["metrics/eval.json"]
+    assert {f"{last}.win_share.accuracy", f"{last}.rouge_l", f"{last}.ppl",
+            f"{last}.judge_score"} <= set(every), every
+    repo("git", "add", "-A")
+    repo("git", "commit", "-qm", "set evaluate.max_new_tokens")
 
 
 def test_experiment_and_metrics_diff(repo):
     repo("dvc", "repro")
     repo("git", "add", "-A")
     repo("git", "commit", "-qm", "results", "--allow-empty")
-    last = stages_in_dvc_yaml()[-1]
     out = repo("dvc", "exp", "run", "-S", "sft.train.max_steps=4")
-    assert "sft" in ran(out) and last in ran(out)
+    assert {"sft", "evaluate@sft", "report"} <= ran(out) <= downstream_of(repo, "sft")
     shown = json.loads(repo("dvc", "exp", "show", "--json"))
     assert shown, "dvc exp show lists the experiment"
     diff = json.loads(repo("dvc", "metrics", "diff", "HEAD", "--json"))

@@ -16,9 +16,6 @@ import platform
 import random
 import re
 
-import numpy as np
-import torch
-
 
 def setup_logging(level: str | int = "INFO") -> None:
     logging.basicConfig(
@@ -53,6 +50,8 @@ def configure_determinism() -> None:
     count, the x86-64 CPU kernel set (AVX2) and cuBLAS's workspace (needed by deterministic
     algorithms on GPU). The kernel set is read at PyTorch's first operation, so this must run
     before any tensor work; otherwise a warning says the machine's own kernels are used."""
+    import torch  # here, not at the top: stages that only log (judge, report) skip torch
+
     global _warned_capability
     threads = _thread_count()
     if threads > 0:
@@ -76,6 +75,7 @@ def reproducibility_info() -> dict:
     are not comparable bit for bit."""
     import accelerate
     import peft
+    import torch
     import transformers
 
     config = torch.__config__.show()
@@ -104,6 +104,9 @@ def seed_everything(seed: int) -> None:
 
     The string-hash seed cannot be set from inside a running process, so nothing saved may depend
     on the iteration order of a set of strings (see ``meteor.training.lora._sort_target_modules``)."""
+    import numpy as np  # here, not at the top: stages that only log (judge, report) skip torch
+    import torch
+
     configure_determinism()
     random.seed(seed)
     np.random.seed(seed)

@@ -31,6 +31,7 @@ class Generation:
     text: str
     tokens: int  # generated tokens, up to and including the first end token (no padding)
     seconds: float  # wall time of the batch it was decoded in, divided by the batch size
+    stopped: bool = False  # the model ended the reply itself (an end token), not max_new_tokens
 
 
 def generation_kwargs(params: GenerationParams, **overrides: Any) -> dict[str, Any]:
@@ -114,7 +115,7 @@ def generate(
     """Generate one assistant reply per conversation; return only the new text, in input order.
 
     ``progress`` is ``False`` (silent), ``True`` or a string used as the progress bar's label.
-    ``return_stats`` returns :class:`Generation` records (text, generated tokens, seconds) instead
+    ``return_stats`` returns :class:`Generation` records (text, generated tokens, seconds, stopped) instead
     of plain strings, so a caller can measure what a decoding costs (self_train: beam vs greedy).
     """
     if batch_size < 1 or max_new_tokens < 1 or num_beams < 1:
@@ -152,7 +153,8 @@ def generate(
                 texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
                 seconds = (time.perf_counter() - started) / len(batch)
                 for i, text, row in zip(batch, texts, new_tokens.tolist()):
-                    results[i] = Generation(text.strip(), _generated_length(row, end_ids), seconds)
+                    results[i] = Generation(text.strip(), _generated_length(row, end_ids), seconds,
+                                            stopped=any(t in end_ids for t in row))
                 bar.update(len(batch))
     finally:
         bar.close()
