@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install repro test bench clean-venv
+.PHONY: install repro repro-smollm test bench clean-venv
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,20 @@ install: $(VENV)/.installed
 
 repro: install
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
+
+# The small-model profile: SmolLM2-135M-Instruct (the packaged GGUF) as the student on a subset of
+# the corpus, offline teacher, as one DVC experiment (README: "A real pretrained student offline").
+SMOLLM_OVERRIDES := \
+	-S student.model=smollm2-135m \
+	-S guideline.limit=32 \
+	-S distill.ablation_size=8 \
+	-S sft.train.lr=5e-4 \
+	-S refine.limit=20 \
+	-S refine.max_new_tokens=128 \
+	-S refine.train.lr=5e-4
+
+repro-smollm: install
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc exp run -n smollm2 $(SMOLLM_OVERRIDES)
 
 test: install
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q
