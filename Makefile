@@ -28,11 +28,17 @@ repro: install
 # the corpus, offline teacher, as one DVC experiment (README: "A real pretrained student offline").
 SMOLLM_OVERRIDES := \
 	-S student.model=smollm2-135m \
-	-S guideline.limit=32 \
+	-S guideline.limit=24 \
 	-S distill.ablation_size=8 \
-	-S sft.train.lr=5e-4 \
-	-S refine.limit=20 \
-	-S refine.max_new_tokens=128 \
+	-S sft.train.max_seq_len=1024 \
+	-S sft.train.batch_size=2 \
+	-S sft.train.grad_accum=4 \
+	-S sft.train.lr=1e-3 \
+	-S refine.limit=16 \
+	-S refine.fine_tune_interval=8 \
+	-S refine.train.max_seq_len=1024 \
+	-S refine.train.batch_size=2 \
+	-S refine.train.grad_accum=4 \
 	-S refine.train.lr=5e-4
 
 repro-smollm: install
