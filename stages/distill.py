@@ -4,7 +4,8 @@ Reads data/guidelines.jsonl (the first ``distill.limit`` rows when set) and join
 question in data/scraped/train.jsonl by id. The teacher (params ``teacher``: offline by default,
 or an OpenAI-compatible endpoint, or a local HF model) gets field, guideline, title and body; a
 degenerate guideline is replaced by none. Ablation: the first ``distill.ablation_size`` questions
-are also distilled without the guideline and the judge (params ``judge``) scores both sets 1-10.
+whose guideline was used are also distilled without it and the judge (params ``judge``) scores
+both sets 1-10 (means are null when no question had a usable guideline).
 Writes data/distilled.jsonl ({id, category, title, question, guideline, guideline_degenerate,
 answer, ok, error, teacher, usage}; every question has a row, failed calls have ok=false and the
 reason) and metrics/distill.json (quality with vs without guideline, teacher and judge calls,

@@ -106,14 +106,14 @@ def test_offline_stage_end_to_end(tmp_path, monkeypatch):
 
     assert metrics["rows"] == 4 and metrics["failed"] == 0 and not metrics["budget_stopped"]
     quality = metrics["quality"]
-    assert quality["n"] == quality["sample"] == 3
-    assert quality["with_guideline_used"] == 2  # ids 11 and 13; 12 was degenerate
+    # Only ids 11 and 13 have a usable guideline: 12 and 14 are passed over, not compared.
+    assert quality["n"] == quality["sample"] == 2 and quality["skipped_degenerate"] == 2
     for key in ("with_guideline", "without_guideline"):
         assert 1 <= quality[key] <= 10
         assert set(quality["per_criterion"][key]) == set(CRITERIA)
     assert quality["gain"] == pytest.approx(quality["with_guideline"] - quality["without_guideline"])
-    # 4 answers + 2 fresh answers without guideline; the judge scored 3 pairs.
-    assert metrics["teacher"]["calls"] == 6 and metrics["judge"]["calls"] == 6
+    # 4 answers + 2 fresh answers without guideline; the judge scored 2 pairs.
+    assert metrics["teacher"]["calls"] == 6 and metrics["judge"]["calls"] == 4
     assert {"cache_hits", "failures", "tokens", "cost_usd"} <= set(metrics["teacher"])
 
 
@@ -151,9 +151,11 @@ def test_faulty_server_every_row_present_or_failed_with_usage(tmp_path):
     assert rows[2]["answer"] is None and rows[2]["error"].startswith("empty reply")
     # The reference answer is never sent to the teacher or the judge.
     assert not any(q["answer"] in json.dumps(b) for q in QUESTIONS for b in bodies)
-    # Ids 11, 12, 14 have both answers and are scored 7 by the fake judge; 13 has none.
+    # Ids 11 and 13 have a usable guideline; 13 gets no answer, so only 11 is a pair (scored 7
+    # by the fake judge).
     quality = ablation.quality
-    assert quality["n"] == 3 and quality["with_guideline"] == quality["without_guideline"] == 7.0
+    assert quality["sample"] == 2 and quality["skipped_degenerate"] == 2
+    assert quality["n"] == 1 and quality["with_guideline"] == quality["without_guideline"] == 7.0
     assert ablation.failures == {"teacher: empty reply (finish_reason=stop)": 1}
     assert teacher.stats.failures == 2 and judge.stats.failures == 0
 
@@ -178,5 +180,35 @@ def test_budget_stop_exits_non_zero_then_resumes_from_the_cache(tmp_path, monkey
         rc, rows, metrics = run_stage(tmp_path, monkeypatch)
         assert rc == 0 and all(r["ok"] for r in rows)
         assert metrics["teacher"]["cache_hits"] >= 1  # the call paid for before is not repeated
-        # 3 missing answers + 1 answer without guideline (id 11; 12 had none to drop).
-        assert server.calls == 1 + 3 + 1
+        # 3 missing answers + 2 answers without guideline (ids 11 and 13: 12 had none to drop).
+        assert server.calls == 1 + 3 + 2
+
+
+def _inputs(order: list[int]) -> list:
+    by_id = {q["id"]: q for q in QUESTIONS}
+    return distill_inputs(guideline_rows([by_id[i] for i in order]), QUESTIONS)
+
+
+def test_ablation_compares_only_questions_whose_guideline_was_used():
+    teacher = make_teacher(TeacherParams())
+    inputs = _inputs([12, 14, 11, 13])  # the two degenerate guidelines come first
+    rows = distill_rows(teacher, inputs)
+    ablation = guideline_ablation(teacher, make_teacher(TeacherParams()), inputs, rows, size=1)
+    quality = ablation.quality
+    # The sample passes over 12 and 14 and takes 11: its two answers really differ.
+    assert quality["sample"] == quality["n"] == 1 and quality["skipped_degenerate"] == 2
+    assert rows[2]["answer"] != teacher.answer([QUESTIONS[0]], [None])[0].text
+    assert quality["with_guideline"] != quality["without_guideline"]  # the offline judge tells apart
+    assert quality["gain"] == pytest.approx(quality["with_guideline"] - quality["without_guideline"])
+
+
+def test_ablation_without_any_usable_guideline_reports_nothing_not_a_tie():
+    teacher, judge = make_teacher(TeacherParams()), make_teacher(TeacherParams())
+    inputs = _inputs([12, 14])  # both degenerate
+    rows = distill_rows(teacher, inputs)
+    calls = teacher.stats.calls
+    quality = guideline_ablation(teacher, judge, inputs, rows, size=20).quality
+    assert quality["n"] == quality["sample"] == 0 and quality["skipped_degenerate"] == 2
+    assert quality["with_guideline"] is quality["without_guideline"] is quality["gain"] is None
+    assert set(quality["per_criterion"]["with_guideline"].values()) == {None}
+    assert teacher.stats.calls == calls and judge.stats.calls == 0  # nothing asked

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
+from rouge_score import rouge_scorer
 
 import meteor.teacher.offline as offline
 from meteor.params import TeacherParams
 from meteor.teacher import make_teacher
 from meteor.teacher.base import CRITERIA, Scores, Verdict
 from meteor.teacher.offline import (
+    MissingText,
     OfflineTeacher,
     guideline_points,
     judge_scores,
     key_terms,
-    lcs_length,
-    rouge_l,
     shape_by_guideline,
 )
+from meteor.textmetrics import rouge_l
 
 TREE = {
     "id": 1, "category": "ML",
@@ -155,18 +154,58 @@ def test_missing_reference_fails_that_item_only_and_stats_count_words(teacher):
     assert teacher.stats.prompt_tokens == results[0].usage["prompt_tokens"] > 0
 
 
-def test_lcs_matches_dynamic_programming():
-    def slow(a, b):
-        table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
-        for i, x in enumerate(a):
-            for j, y in enumerate(b):
-                table[i + 1][j + 1] = table[i][j] + 1 if x == y else max(table[i][j + 1], table[i + 1][j])
-        return table[-1][-1]
+def test_missing_answer_text_fails_that_item_only(teacher):
+    results = teacher.verdict([TREE, TREE], [None, TREE["answer"]])
+    assert not results[0].ok and "id=1" in results[0].error and "not text" in results[0].error
+    assert results[1].ok and results[1].parsed.correct
+    scored = teacher.score([TREE, TOKENIZER], [TREE["answer"], None])
+    assert scored[0].ok and not scored[1].ok
+    compared = teacher.compare([TREE], [TREE["answer"]], [None])
+    assert not compared[0].ok
+    assert issubclass(MissingText, ValueError)
 
-    rng = random.Random(0)
-    for _ in range(300):
-        a = [rng.choice("abcd") for _ in range(rng.randint(0, 70))]
-        b = [rng.choice("abcd") for _ in range(rng.randint(0, 70))]
-        assert lcs_length(a, b) == slow(a, b)
+
+def test_other_errors_are_bugs_and_are_not_hidden_as_failed_items(teacher, monkeypatch):
+    def broken(question, answer, criteria):
+        raise ValueError("a bug, e.g. a pydantic validation error")
+
+    monkeypatch.setattr(offline, "judge_scores", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        teacher.score([TREE], [TREE["answer"]])
+    assert teacher.stats.failures == 0
+
+
+def test_rouge_l_is_the_rouge_score_package_shared_with_evaluate():
+    assert offline.rouge_l is rouge_l  # the offline teacher uses the shared function
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    pairs = [(TOKENIZER["answer"], TREE["answer"]), (TREE["answer"], TREE["answer"]),
+             ("Use cross-validation and limit max_depth.", TREE["answer"]),
+             ("Naïve Überfitting: the models' accuracies `max_depth=3`", "naive overfitting models")]
+    for answer, reference in pairs + pairs:  # twice: remembered tokens give the same scores
+        expected = scorer.score(reference, answer)["rougeL"]
+        got = rouge_l(answer, reference)
+        assert (got.precision, got.recall, got.f1) == (expected.precision, expected.recall,
+                                                      expected.fmeasure)
     assert rouge_l("the cat sat", "the cat sat").f1 == 1.0
     assert rouge_l("", "the cat").f1 == 0.0
+    # Precision is over the answer, recall over the reference.
+    short = rouge_l("the cat", "the cat sat on the mat")
+    assert short.precision == 1.0 and short.recall == pytest.approx(2 / 6)
+    # rouge-score's tokens: case and punctuation do not count; the stemmer joins inflections.
+    assert rouge_l("Overfitting, models!", "overfit model").f1 == 1.0
+
+
+def test_verdict_thresholds_on_the_bundled_corpus_accept_references_and_reject_junk():
+    from pathlib import Path
+
+    from meteor.params import ScrapeParams
+    from meteor.scrape.dump import scrape_dump
+
+    corpus = Path(__file__).resolve().parents[1] / "data/raw/Posts.xml"
+    records = scrape_dump(corpus, categories=ScrapeParams().categories).records[::8]  # 33 of 263
+    other = records[1:] + records[:1]  # another question's accepted answer: on topic, but wrong
+    accepted = [offline.judge_verdict(r, r["answer"]).correct for r in records]
+    wrong = [offline.judge_verdict(r, o["answer"]).correct for r, o in zip(records, other)]
+    echo = [offline.judge_verdict(r, r["title"] + "\n" + r["question"]).correct for r in records]
+    assert all(accepted)
+    assert sum(wrong) <= 0.05 * len(records) and not any(echo)

@@ -21,6 +21,7 @@ from meteor.scrape.categories import CategoryTable, parse_tags
 from meteor.scrape import dump
 from meteor.scrape.dump import DumpFormatError, resolve_workers, scrape_dump
 from meteor.scrape.html import html_to_markdown
+from meteor.scrape.records import duplicate_key
 from meteor.scrape.split import assign_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +91,39 @@ def test_category_is_the_first_in_table_order_that_matches():
 
 
 # ----------------------------------------------------------------------------------- html
+PEP8_CODE = ("import os\n\n\ndef f():\n    return 1\n\n\n\nclass A:\n    pass\n\n\n"
+             'x = """\n\n\n"""')
+
+
+def test_code_blocks_are_byte_exact_and_only_prose_blank_lines_collapse():
+    code = PEP8_CODE
+    html = (f'<p>Before</p><p></p><br><p></p><p>between</p><pre class="lang-py"><code>{code}\n'
+            f'</code></pre><ul><li><p>step</p><pre><code>{code}</code></pre></li></ul>'
+            f'<blockquote><pre><code>{code}</code></pre></blockquote><p>after</p>')
+    md = html_to_markdown(html)
+    assert md.startswith("Before\n\n")
+    assert "between\n\n```py\n" + code + "\n```\n\n" in md
+    # In a list item every code line with text is indented; its blank lines stay blank and stay.
+    indented = "\n".join(("  " + line) if line else "" for line in code.split("\n"))
+    assert "- step\n\n  ```\n" + indented + "\n  ```" in md
+    quoted = "\n".join(("> " + line) if line else ">" for line in code.split("\n"))
+    assert "> ```\n" + quoted + "\n> ```" in md
+    assert md.endswith("```\n\nafter")
+    prose = md.replace(code, "").replace(indented, "").replace(quoted, "")
+    assert "\n\n\n" not in prose  # outside code, a run of blank lines is one
+
+
+def test_code_containing_backtick_fences_gets_a_longer_fence():
+    code = "Write:\n```python\nprint(1)\n```\nor ````` even `````."
+    md = html_to_markdown(f'<p>Docs:</p><pre class="lang-md"><code>{code}</code></pre><p>End.</p>')
+    assert md == f"Docs:\n\n``````md\n{code}\n``````\n\nEnd."
+    markdown_it = pytest.importorskip("markdown_it")
+    tokens = markdown_it.MarkdownIt().parse(md)  # CommonMark sees one block holding all the code
+    fences = [t for t in tokens if t.type == "fence"]
+    assert len(fences) == 1 and fences[0].content == code + "\n" and fences[0].info == "md"
+    assert html_to_markdown("<pre><code>plain</code></pre>") == "```\nplain\n```"
+
+
 def test_html_to_markdown_keeps_code_blocks_inline_code_and_decodes_entities():
     html = ('<p>Call <code>model.fit(x_train)</code> &amp; check <em>shape</em> &lt; 3.</p>\n'
             '<pre class="lang-py prettyprint-override"><code>if a &lt; b and c &gt; d:\n'
@@ -160,9 +194,13 @@ def test_builder_writes_both_tag_encodings_answers_first_and_is_deterministic(
                    builder.answer_row(51, 50, "<p>A</p>")]),
     ("malformed", ['<row Id="50" PostTypeId="1" Title="T" Body="B" Score="many" Tags="|nlp|" />']),
     ("off_topic", ['<row Id="50" PostTypeId="1" Title="T" Score="many" Tags="|css|" />']),
-    # The kept question 1000 again: under a new id (answered), then under its own id.
-    ("duplicate", [builder.question_row(60, "Question 1000", "<p>Body of 1000</p>", ["nlp"],
-                                        accepted=61), builder.answer_row(61, 60, "<p>A</p>")]),
+    # The kept question 1000 again: under a later id (answered, same score: the older post is
+    # kept), also with other whitespace, punctuation and case; then under its own id.
+    ("duplicate", [builder.question_row(1060, "Question 1000", "<p>Body of 1000</p>", ["nlp"],
+                                        accepted=1061), builder.answer_row(1061, 1060, "<p>A</p>")]),
+    ("duplicate", [builder.question_row(1060, "question  1000?", "<p>Body  of 1000.</p>\n",
+                                        ["nlp"], accepted=1061),
+                   builder.answer_row(1061, 1060, "<p>A</p>")]),
     ("duplicate", good_pair(1000)[:1]),
     ("answer_orphan", [builder.answer_row(51, 50, "<p>A</p>")]),
     ("answer_malformed", ['<row Id="51" PostTypeId="2" ParentId="" Body="A" />']),
@@ -182,6 +220,43 @@ def test_unusable_accepted_answer_drops_its_question_too(tmp_path):
     result = scrape_dump(write_dump(tmp_path / "Posts.xml", rows), categories=CATEGORIES)
     assert result.records == []
     assert result.dropped == Counter({"answer_bad_characters": 1, "no_usable_answer": 2})
+
+
+def test_duplicates_keep_the_best_copy_whose_answer_is_usable(tmp_path):
+    # Three copies of one question: the first's accepted answer is junk, the second's is absent,
+    # the third's is good. Only the third can be kept, although it comes last.
+    rows = [builder.question_row(50, "Same question", "<p>Same body</p>", ["nlp"], accepted=51),
+            builder.answer_row(51, 50, "<p>\x85\x80</p>"),
+            builder.question_row(60, "Same question", "<p>Same body</p>", ["nlp"], accepted=61),
+            builder.question_row(70, "Same question!", "<p>Same  body</p>", ["nlp"], accepted=71),
+            builder.answer_row(71, 70, "<p>Good answer</p>")]
+    result = scrape_dump(write_dump(tmp_path / "Posts.xml", rows), categories=CATEGORIES)
+    assert [(r["id"], r["answer"]) for r in result.records] == [(70, "Good answer")]
+    assert result.dropped == Counter({"answer_bad_characters": 1, "no_usable_answer": 2})
+
+    # Among usable copies: the highest question score wins, then the lowest id; the file order
+    # does not matter.
+    def pair(qid, score):
+        return [builder.question_row(qid, "Same question", "<p>Same body</p>", ["nlp"],
+                                     score=score, accepted=qid + 1),
+                builder.answer_row(qid + 1, qid, f"<p>Answer {qid}</p>")]
+
+    scores = {50: 1, 60: 9, 70: 9}
+    for order in ([50, 60, 70], [70, 60, 50]):
+        rows = [r for qid in order for r in pair(qid, scores[qid])]
+        result = scrape_dump(write_dump(tmp_path / "Posts.xml", rows), categories=CATEGORIES)
+        assert [r["id"] for r in result.records] == [60]
+        assert result.dropped == Counter({"duplicate": 2})
+
+
+def test_near_duplicates_differ_only_in_case_whitespace_or_punctuation():
+    base = duplicate_key("Why is my loss NaN?", "The loss becomes NaN, after epoch 3.")
+    assert base == duplicate_key("why is my loss nan", "The loss  becomes\nNaN after epoch 3")
+    assert base == duplicate_key("Why is my loss `NaN`?!", "**The loss** becomes NaN... after epoch 3")
+    assert base != duplicate_key("Why is my loss NaN?", "The loss becomes NaN after epoch 4.")
+    assert base != duplicate_key("Why is my loss inf?", "The loss becomes NaN, after epoch 3.")
+    # Title and body are kept apart: moving words between them makes another question.
+    assert duplicate_key("a b", "c") != duplicate_key("a", "b c")
 
 
 def test_answers_before_their_questions_are_still_paired(tmp_path):
@@ -337,6 +412,20 @@ def test_split_never_moves_existing_ids_when_data_is_added():
     # Another salt draws a different split.
     assert split_of(range(1, 2001)) != {i: assign_split(i, dev=0.1, test=0.1, salt="x")
                                          for i in range(1, 2001)}
+
+
+def test_changing_a_fraction_moves_rows_as_the_docstring_says():
+    def splits(dev, test):
+        return {i: assign_split(i, dev=dev, test=test, salt="meteor") for i in range(5000)}
+
+    def moves(before, after):
+        return {(before[i], after[i]) for i in before if before[i] != after[i]}
+
+    base = splits(dev=0.1, test=0.1)
+    # Growing dev: from train into dev only.
+    assert moves(base, splits(dev=0.2, test=0.1)) == {("train", "dev")}
+    # Growing test: from dev into test and from train into dev, not only out of train.
+    assert moves(base, splits(dev=0.1, test=0.2)) == {("dev", "test"), ("train", "dev")}
 
 
 def test_split_fractions_are_roughly_right():

@@ -38,6 +38,7 @@ class FakeStackExchange:
         self.quota = quota
         self.scripted: list[tuple[int, dict]] = []  # served first, one per request
         self.backoff_on_request: dict[int, int] = {}  # request number -> backoff seconds
+        self.deleted_answers: set[int] = set()  # answer ids /answers no longer returns
         self.events: list[tuple] = []  # ("GET", path, query) and, from the client, ("sleep", s)
 
     def respond(self, path: str, query: dict[str, str]) -> tuple[int, dict]:
@@ -51,7 +52,8 @@ class FakeStackExchange:
             ids = [int(i) for i in path.rsplit("/", 1)[1].split(";")]
             items = [{"owner": {"user_id": 9}, "is_accepted": True, "score": 10, "answer_id": i,
                       "question_id": i - 1, "content_license": "CC BY-SA 4.0",
-                      "body": f"<p>Answer {i}: use <code>x &lt; y</code></p>"} for i in ids]
+                      "body": f"<p>Answer {i}: use <code>x &lt; y</code></p>"} for i in ids
+                     if i not in self.deleted_answers]
         page, size = int(query["page"]), int(query["pagesize"])
         wrapper = {"items": items[(page - 1) * size: page * size],
                    "has_more": page * size < len(items), "quota_max": 300,
@@ -125,6 +127,22 @@ def test_paginates_questions_and_fetches_accepted_answers_in_batches_of_100(serv
         "id": 1000, "category": "DL", "title": 'Why does "1000" fail?',
         "question": "Question `1000`", "answer": "Answer 1001: use `x < y`",
         "tags": ["pytorch", "python"], "score": 4, "link": "https://stackoverflow.com/q/1000"}
+
+
+def test_a_duplicate_without_its_answer_does_not_displace_a_usable_copy(serve):
+    same = {"title": "Same question?", "body": "<p>Same body</p>"}
+    questions = [question(1000, ["pytorch"], score=9, **same),  # best score, answer deleted
+                 question(1010, ["pytorch"], **same),
+                 question(1020, ["pytorch"], title="same  question", body="<p>Same body.</p>"),
+                 question(1030, ["pytorch"])]
+    fake = FakeStackExchange({"pytorch": questions})
+    fake.deleted_answers = {1001}
+    client = client_for(fake, serve(fake), page_size=2)  # the copies come on two pages
+
+    result = scrape_api({"DL": ["pytorch"]}, client=client)
+
+    assert [r["id"] for r in result.records] == [1010, 1030]  # same score: the lower id
+    assert dict(result.dropped) == {"no_usable_answer": 1, "duplicate": 1}
 
 
 def test_max_pages_bounds_the_questions_fetched(serve):

@@ -6,11 +6,15 @@
 - :func:`distill_rows` asks the teacher and returns one row per question, in question order; a
   failed call is a row with ``ok=False`` and the reason (``"budget"``, ``"HTTP 500 after 6
   attempts"``), never a missing row.
-- :func:`guideline_ablation` (the paper's data-quality check): on the first ``ablation_size``
-  questions, also distill *without* the guideline and have the judge score both answer sets
-  1-10 on the five criteria. The train split is ordered by id and drawn by a hash of the id, so
-  its head is a deterministic sample that does not depend on the limit or on later data.
-  Means are over the questions whose two answers were both scored (a paired comparison).
+- :func:`guideline_ablation` (the paper's data-quality check): on ``ablation_size`` questions
+  whose guideline was actually used, also distill *without* the guideline and have the judge score
+  both answer sets 1-10 on the five criteria. The sample is the first such questions in train
+  order, passing over those with a degenerate guideline (their answer was already written without
+  one, so comparing it with itself would measure nothing); how many were passed over is reported.
+  The train split is ordered by id and drawn by a hash of the id, so the sample is deterministic;
+  it depends on the limit only through which guidelines are usable. Means are over the questions
+  whose two answers were both scored (a paired comparison); with no such question they are
+  ``None``, never a made-up tie.
 """
 
 from __future__ import annotations
@@ -83,28 +87,50 @@ def _reason(error: str | None) -> str:
     return (error or "unknown").split(":")[0]
 
 
+def ablation_sample(inputs: Sequence[DistillInput], size: int) -> tuple[list[int], int]:
+    """Indices of the first ``size`` inputs with a usable guideline, and how many degenerate
+    ones were passed over while drawing them."""
+    picked: list[int] = []
+    skipped = 0
+    for k, item in enumerate(inputs):
+        if len(picked) >= size:
+            break
+        if item.guideline is None:
+            skipped += 1
+        else:
+            picked.append(k)
+    return picked, skipped
+
+
 def guideline_ablation(teacher: Teacher, judge: Teacher, inputs: Sequence[DistillInput],
                        with_rows: Sequence[dict], size: int,
                        criteria: tuple[str, ...] = CRITERIA) -> Ablation:
-    """Judge scores of answers distilled with vs without the guideline, on the first ``size``."""
-    sample = list(inputs[:size])
-    rows = list(with_rows[:size])
-    questions = [i.question for i in sample]
-    failures: Counter = Counter()
+    """Judge scores of answers distilled with vs without the guideline (see the module docstring).
 
-    # Questions whose guideline was degenerate were already answered without one: reuse that.
-    need = [k for k, i in enumerate(sample) if i.guideline is not None]
-    fresh = teacher.answer([questions[k] for k in need], [None] * len(need)) if need else []
-    without: list[str | None] = [r["answer"] for r in rows]
-    for k, result in zip(need, fresh):
-        without[k] = result.text if result.ok else None
+    ``with_rows`` are the distilled rows of ``inputs``, in the same order.
+    """
+    if len(with_rows) != len(inputs):
+        raise ValueError(f"{len(with_rows)} distilled rows for {len(inputs)} inputs")
+    picked, skipped = ablation_sample(inputs, size)
+    questions = [inputs[k].question for k in picked]
+    with_answers: list[str | None] = [with_rows[k]["answer"] for k in picked]
+    failures: Counter = Counter()
+    if not picked:
+        log.warning("ablation: no question with a usable guideline (%d degenerate passed over): "
+                    "nothing to compare", skipped)
+
+    fresh = teacher.answer(questions, [None] * len(questions)) if questions else []
+    without: list[str | None] = []
+    for result in fresh:
+        without.append(result.text if result.ok else None)
         if not result.ok:
             failures[f"teacher: {_reason(result.error)}"] += 1
     budget_stopped = any(r.error == BUDGET for r in fresh)
 
     def judged(answers: list[str | None]) -> list[Scores | None]:
         ready = [k for k, a in enumerate(answers) if a is not None]
-        results = judge.score([questions[k] for k in ready], [answers[k] for k in ready], criteria)
+        results = (judge.score([questions[k] for k in ready], [answers[k] for k in ready], criteria)
+                   if ready else [])
         out: list[Scores | None] = [None] * len(answers)
         nonlocal budget_stopped
         for k, r in zip(ready, results):
@@ -115,7 +141,7 @@ def guideline_ablation(teacher: Teacher, judge: Teacher, inputs: Sequence[Distil
                 budget_stopped |= r.error == BUDGET
         return out
 
-    with_scores = judged([r["answer"] for r in rows])
+    with_scores = judged(with_answers)
     without_scores = judged(without)
     paired = [(w, wo) for w, wo in zip(with_scores, without_scores) if w is not None and wo is not None]
 
@@ -125,7 +151,7 @@ def guideline_ablation(teacher: Teacher, judge: Teacher, inputs: Sequence[Distil
     with_mean = _mean([overall(w) for w, _ in paired])
     without_mean = _mean([overall(wo) for _, wo in paired])
     quality = {
-        "with_guideline": with_mean,
+        "with_guideline": with_mean,  # None when no pair could be compared
         "without_guideline": without_mean,
         "gain": (round(with_mean - without_mean, 3)
                  if with_mean is not None and without_mean is not None else None),
@@ -134,8 +160,8 @@ def guideline_ablation(teacher: Teacher, judge: Teacher, inputs: Sequence[Distil
             "without_guideline": {c: _mean([wo.scores[c].score for _, wo in paired]) for c in criteria},
         },
         "n": len(paired),  # questions whose two answers were both scored
-        "sample": len(sample),
-        "with_guideline_used": len(need),  # the rest had a degenerate guideline: both sets agree
+        "sample": len(picked),  # questions with a usable guideline that were compared
+        "skipped_degenerate": skipped,  # passed over: their guideline was degenerate
     }
     if failures:
         log.warning("ablation: %d item(s) could not be compared (%s)", sum(failures.values()),

@@ -169,7 +169,8 @@ class GuidelineParams(Section):
 
 class DistillParams(Section):
     limit: int | None = Field(None, ge=1, description="Only the first N guidelines (debugging).")
-    ablation_size: int = Field(20, ge=0, description="Questions distilled with and without guideline.")
+    ablation_size: int = Field(20, ge=0, description="Questions distilled with and without "
+                               "guideline: the first ones whose guideline is not degenerate.")
 
 
 # ------------------------------------------------------------------------------------ training

@@ -161,11 +161,10 @@ def scrape_api(
     table = CategoryTable(categories)
     result = R.ScrapeResult(source="api")
     seen: set[int] = set()  # a question fetched under two tags is the same row: take it once
-    dedupe = R.Deduplicator()
     try:
         for tag in table.tags:
             for items in client.questions(tag):
-                candidates = _select(items, table, min_score, seen, dedupe, result)
+                candidates = _select(items, table, min_score, seen, result)
                 if not candidates:
                     continue
                 try:
@@ -177,11 +176,13 @@ def scrape_api(
     except QuotaExhausted as e:
         log.warning("%s: stopping cleanly with %d records", e, len(result.records))
     log.info("API: %d requests, quota_remaining=%s", client.requests_sent, client.quota_remaining)
+    # Last, among finished records: a copy without a usable answer never displaces a good one.
+    result.records = R.drop_duplicates(result.records, result.dropped)
     result.records.sort(key=lambda r: r["id"])
     return result
 
 
-def _select(items, table, min_score, seen, dedupe, result) -> dict[int, dict]:
+def _select(items, table, min_score, seen, result) -> dict[int, dict]:
     """The page's questions that pass every rule, by id; the others are counted by reason."""
     candidates = {}
     for item in items:
@@ -200,8 +201,6 @@ def _select(items, table, min_score, seen, dedupe, result) -> dict[int, dict]:
             has_accepted_answer=isinstance(accepted, int), score=score, min_score=min_score,
             closed="closed_date" in item,
         )
-        if reason is None and dedupe.is_duplicate(title, body):
-            reason = R.DUPLICATE
         if reason:
             result.dropped[reason] += 1
         else:

@@ -6,11 +6,14 @@ question), but an answer may come before its question in the file, so one pass c
 without holding everything. Instead:
 
 * pass 1 reads questions only and keeps small maps: the ids of the questions that pass every rule
-  (candidate -> accepted answer id), a 16-byte digest per candidate for de-duplication, and one bit
-  per question id ever seen (to tell an orphan answer from an answer to a dropped question; ~10 MB
-  for Stack Overflow's id range);
+  (candidate -> accepted answer id) and one bit per question id ever seen (to tell an orphan
+  answer from an answer to a dropped question; ~10 MB for Stack Overflow's id range);
 * pass 2 picks up the raw HTML of the candidates and of their accepted answers, in whichever order
   they come, and converts a pair to Markdown as soon as both halves are there.
+
+Duplicates (same title and question up to case, whitespace and punctuation) are removed last, among
+the finished records (:func:`meteor.scrape.records.drop_duplicates`): only a copy whose accepted
+answer turned out usable can be kept, and of those the best.
 
 So memory is O(kept questions) plus the id bitmap, never O(file): lines are read with a length
 limit and pyexpat is fed bounded batches. Speed: dumps hold one row per line, so a pass recognises
@@ -231,7 +234,6 @@ def scrape_dump(
     # ---- pass 1: which questions to keep, and which answer each of them needs
     question_ids = _IdBitmap()
     accepted_of: dict[int, int] = {}  # candidate question id -> accepted answer id
-    dedupe = R.Deduplicator()
 
     def pass1_skip(line: bytes) -> bool:
         """Answers wait for pass 2; off-topic questions (most of them) are decided here."""
@@ -287,8 +289,6 @@ def scrape_dump(
             has_accepted_answer=accepted_id is not None, score=score, min_score=min_score,
             closed="ClosedDate" in row, deleted="DeletionDate" in row,
         )
-        if reason is None and dedupe.is_duplicate(title, body):
-            reason = R.DUPLICATE
         if reason:
             dropped[reason] += 1
         else:
@@ -296,7 +296,6 @@ def scrape_dump(
 
     _stream(path, pass1, f"{path.name} pass 1/2", chunk_size, pass1_skip)
     question_of = {a: q for q, a in accepted_of.items()}  # accepted answer id -> question id
-    del dedupe
     log.info("pass 1: %d rows, %d candidate questions", result.rows_read, len(accepted_of))
 
     # ---- pass 2: pair candidates with their accepted answers, in whichever order they come
@@ -368,7 +367,7 @@ def scrape_dump(
 
     with record_maker:
         _stream(path, pass2, f"{path.name} pass 2/2", chunk_size, pass2_skip)
-        result.records = record_maker.finish()
+        result.records = R.drop_duplicates(record_maker.finish(), dropped)
     # Candidates whose accepted answer never arrived (absent, or dropped above).
     if unanswered := len(waiting_questions) + len(accepted_of):
         dropped[R.NO_USABLE_ANSWER] += unanswered

@@ -5,9 +5,15 @@ Code blocks (``<pre><code>``) become fenced blocks with the language from Stack 
 Markdown escaping of ``_`` and ``*`` is turned off: bodies are model training text, and identifiers
 like ``max_len`` must stay readable.
 
+Code is kept exactly as written (only the newlines at its two ends are trimmed): runs of blank
+lines are collapsed to one in prose only, never inside a fence (PEP 8's two blank lines between
+functions stay two), and a block whose code itself contains a run of backticks gets a fence one
+backtick longer than that run, so the fence cannot close early.
+
 Conversion is the costly part of reading a dump (a few ms per body), so it avoids two overheads of
-plain ``markdownify(html)`` while giving the same output: the converter (whose options and
-per-tag function cache markdownify rebuilds on every call) is built once, and the soup is built
+a fresh converter per call (what ``markdownify(html)`` does) while giving the same output: the
+converter (whose options and per-tag function cache markdownify rebuilds on every call) is built
+once, and the soup is built
 with a ``Tag`` whose ``find_parent`` is a plain walk up the tree (markdownify asks every tag for
 its ``<pre>`` ancestor, and bs4's generic search machinery made that ~15% of the time). bs4's
 ``lxml`` parser was measured too: slower than ``html.parser`` here (bs4's tree building, not the
@@ -19,9 +25,11 @@ from __future__ import annotations
 import re
 
 from bs4 import BeautifulSoup, Tag
-from markdownify import MarkdownConverter
+from markdownify import MarkdownConverter, strip_pre
 
-_BLANK_LINES = re.compile(r"\n{3,}")
+_BACKTICK_RUN = re.compile(r"`+")
+# A fence line: optionally indented (code in a list item) or quoted; group 1 is the fence.
+_FENCE_LINE = re.compile(r"^[ \t>]*(`{3,})")
 
 
 def _code_language(pre) -> str:
@@ -41,7 +49,46 @@ MARKDOWN_OPTIONS = dict(
     escape_misc=False,
     code_language_callback=_code_language,
 )
-_CONVERTER = MarkdownConverter(**MARKDOWN_OPTIONS)
+
+
+def code_fence(code: str) -> str:
+    """Backticks one longer than the longest run in ``code``, at least three (CommonMark: a fence
+    closes only on a run at least as long as the one that opened it)."""
+    longest = max((len(run) for run in _BACKTICK_RUN.findall(code)), default=0)
+    return "`" * max(3, longest + 1)
+
+
+class FencedCodeConverter(MarkdownConverter):
+    """markdownify with code blocks whose fence is always longer than any backtick run inside."""
+
+    def convert_pre(self, el, text, parent_tags):
+        if not text:
+            return ""
+        callback = self.options["code_language_callback"]
+        language = (callback(el) if callback else "") or self.options["code_language"]
+        code = strip_pre(text)  # the newlines at both ends only, as markdownify's default does
+        fence = code_fence(code)
+        return f"\n\n{fence}{language}\n{code}\n{fence}\n\n"
+
+
+def collapse_blank_lines(markdown: str) -> str:
+    """Runs of empty lines become one, outside fenced code only; code lines are kept as they are."""
+    out: list[str] = []
+    fence = ""  # the fence of the code block we are in, "" in prose
+    for line in markdown.split("\n"):
+        m = _FENCE_LINE.match(line)
+        if fence:
+            if m and len(m[1]) >= len(fence) and not line[m.end():].strip():
+                fence = ""  # the closing fence
+        elif m and "`" not in line[m.end():]:  # an opening fence (an info string has no backtick)
+            fence = m[1]
+        elif not line and out and not out[-1]:
+            continue  # a second empty line in a row, in prose
+        out.append(line)
+    return "\n".join(out)
+
+
+_CONVERTER = FencedCodeConverter(**MARKDOWN_OPTIONS)
 
 
 class _Tag(Tag):
@@ -58,4 +105,4 @@ class _Tag(Tag):
 
 def html_to_markdown(html: str) -> str:
     soup = BeautifulSoup(html, "html.parser", element_classes={Tag: _Tag})
-    return _BLANK_LINES.sub("\n\n", _CONVERTER.convert_soup(soup)).strip()
+    return collapse_blank_lines(_CONVERTER.convert_soup(soup)).strip()

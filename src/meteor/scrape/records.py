@@ -27,7 +27,7 @@ NO_ACCEPTED_ANSWER = "no_accepted_answer"
 LOW_SCORE = "low_score"
 EMPTY_BODY = "empty_body"
 BAD_CHARACTERS = "bad_characters"
-DUPLICATE = "duplicate"  # same title and body as an earlier kept question
+DUPLICATE = "duplicate"  # same title and body as a better kept copy (see drop_duplicates)
 NO_USABLE_ANSWER = "no_usable_answer"  # the accepted answer is absent or was itself dropped
 # Drop reasons of answer rows (only accepted answers are validated in full).
 ANSWER_MALFORMED = "answer_malformed"
@@ -40,7 +40,7 @@ OTHER_POST_TYPE = "other_post_type"  # tag wikis, moderator nominations, ...
 # tab and newlines), DEL and Unicode noncharacters. They signal a broken export or binary junk.
 _BAD_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufdd0-\ufdef\ufffe\uffff]")
 _HTML_TAG = re.compile(r"<[^>]*>")
-_WHITESPACE = re.compile(r"\s+")
+_NOT_ALPHANUMERIC = re.compile(r"[\W_]+")  # whitespace, punctuation, Markdown syntax
 
 
 def has_bad_characters(*texts: str) -> bool:
@@ -89,21 +89,34 @@ def answer_drop_reason(body: str) -> str | None:
     return None
 
 
-class Deduplicator:
-    """Remembers a 16-byte digest of each kept question's normalised title + body."""
+def duplicate_key(title: str, text: str) -> bytes:
+    """A 16-byte digest of a question's letters and digits, case-folded: two questions that differ
+    only in whitespace, punctuation or case (or Markdown syntax, which is punctuation) share it."""
+    title, text = (_NOT_ALPHANUMERIC.sub("", t.casefold()) for t in (title, text))
+    return hashlib.blake2b(f"{title}\0{text}".encode("utf-8", "surrogatepass"),
+                           digest_size=16).digest()
 
-    def __init__(self) -> None:
-        self._seen: set[bytes] = set()
 
-    def is_duplicate(self, title: str, body: str) -> bool:
-        """True if an equal question was seen before; otherwise remember this one."""
-        title, body = (_WHITESPACE.sub(" ", t).strip() for t in (title.lower(), body))
-        text = title + "\0" + body
-        digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-        if digest in self._seen:
-            return True
-        self._seen.add(digest)
-        return False
+def drop_duplicates(records: list[dict], dropped: Counter) -> list[dict]:
+    """One record per :func:`duplicate_key` of title + question, in the order given.
+
+    Runs on finished records, i.e. after the accepted answer was found usable, so a copy whose
+    answer is missing or junk never takes the place of one whose answer is good. The copy kept is
+    the best: the highest question score, then the lowest id (the older post). That depends on
+    the copies alone, not on the order a dump or the API delivers them. Each other copy counts as
+    :data:`DUPLICATE`.
+    """
+    best: dict[bytes, dict] = {}
+    for record in records:
+        key = duplicate_key(record["title"], record["question"])
+        kept = best.get(key)
+        if kept is None or (record["score"], -record["id"]) > (kept["score"], -kept["id"]):
+            best[key] = record
+    if len(best) < len(records):
+        dropped[DUPLICATE] += len(records) - len(best)
+        chosen = {id(r) for r in best.values()}
+        records = [r for r in records if id(r) in chosen]
+    return records
 
 
 def question_link(question_id: int) -> str:

@@ -1,8 +1,11 @@
 """Deterministic train/dev/test split by a salted hash of the question id.
 
 Each id lands in a fixed point of [0, 1); test takes [0, test), dev [test, test + dev), train the
-rest. A row's split depends only on its own id and the salt, so adding or removing other rows never
-moves it, and growing a fraction only moves rows from train into dev/test.
+rest. A row's split depends only on its own id, the salt and the two fractions, so adding or
+removing other rows never moves it. Changing a fraction does move rows: growing ``dev`` moves rows
+from train into dev only, but growing ``test`` also shifts the dev interval, so rows move from dev
+into test and from train into dev (shrinking either does the reverse). Treat a new split as new
+data: every stage after scrape runs again.
 """
 
 from __future__ import annotations

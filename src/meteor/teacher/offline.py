@@ -15,14 +15,18 @@ accepted Stack Overflow answer that every question record carries (``question["a
   (frequent in the answer, concentrated in few sentences, identifiers up-weighted, words already
   in the question down-weighted, stop words dropped). An answer is accepted when its weighted
   key-term recall is at least :data:`MIN_KEY_RECALL` and ``0.6 * recall + 0.4 * ROUGE-L F1`` is at
-  least :data:`MIN_COMBINED`; the hints name the missing key terms.
+  least :data:`MIN_COMBINED`; the hints name the missing key terms. ROUGE-L is
+  :func:`meteor.textmetrics.rouge_l` (the ``rouge-score`` package), the one the evaluate stage
+  reports too.
 - ``score``: each criterion from one reference-based measure, mapped linearly onto 1-10, with a
   justification naming the measure (see :func:`criterion_measures`).
 
 Because the judge measures agreement with the reference, it cannot reward organisation: in the
 distill ablation, a guideline-shaped answer (the same content plus headings, reordered) scores a
-little *below* the bare reference (about 9.4 vs 10.0 on the bundled corpus with a generic
-five-point guideline). Only a model judge can measure what a guideline adds.
+little *below* the bare reference. Only a model judge can measure what a guideline adds.
+
+An item whose question has no reference answer, or whose answer to judge is not text, fails alone
+(:class:`MissingText`, reported as that item's error); any other exception is a bug and propagates.
 
 Everything is computed from the texts alone: the same inputs always give the same outputs, and a
 result never depends on the other items of the batch. There is no cache (``cache_hits`` stays 0)
@@ -56,6 +60,7 @@ from meteor.teacher.base import (
     TeacherStats,
     Verdict,
 )
+from meteor.textmetrics import rouge_l
 
 log = logging.getLogger(__name__)
 
@@ -124,38 +129,6 @@ def is_identifier(surface: str) -> bool:
     """Looks like code: ``snake_case``, ``dotted.name``, ``camelCase`` or mixed letters and digits."""
     return ("_" in surface or "." in surface or bool(_CAMEL.search(surface))
             or (any(c.isdigit() for c in surface) and any(c.isalpha() for c in surface)))
-
-
-def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Length of the longest common subsequence, bit-parallel (Hyyro 2004): O(len(b)) big-int ops."""
-    if not a or not b:
-        return 0
-    masks: dict[str, int] = {}
-    for i, token in enumerate(a):
-        masks[token] = masks.get(token, 0) | (1 << i)
-    full = (1 << len(a)) - 1
-    v = full
-    for token in b:
-        u = v & masks.get(token, 0)
-        v = ((v + u) | (v - u)) & full
-    return len(a) - v.bit_count()
-
-
-@dataclass(frozen=True)
-class Rouge:
-    precision: float  # LCS / answer length
-    recall: float  # LCS / reference length
-    f1: float
-
-
-def rouge_l(answer: str, reference: str) -> Rouge:
-    """ROUGE-L on normalised tokens (every word counts, as in the original metric)."""
-    a, r = tokens(answer), tokens(reference)
-    lcs = lcs_length(r, a)
-    if lcs == 0:
-        return Rouge(0.0, 0.0, 0.0)
-    p, rec = lcs / len(a), lcs / len(r)
-    return Rouge(p, rec, 2 * p * rec / (p + rec))
 
 
 def distinct_trigram_ratio(toks: Sequence[str]) -> float:
@@ -435,12 +408,23 @@ def shape_by_guideline(reference: str, guideline: str | None) -> str:
 
 
 # ----------------------------------------------------------------------------------- teacher
+class MissingText(ValueError):
+    """An item lacks a text the offline teacher needs: that item fails, the batch goes on."""
+
+
 def _reference(question: dict) -> str:
     reference = question.get("answer")
     if not isinstance(reference, str) or not reference.strip():
-        raise ValueError(f"question id={question.get('id')!r} has no reference 'answer': the "
-                         "offline teacher needs the accepted answer of each question")
+        raise MissingText(f"question id={question.get('id')!r} has no reference 'answer': the "
+                          "offline teacher needs the accepted answer of each question")
     return reference
+
+
+def _answer_text(question: dict, answer) -> str:
+    if not isinstance(answer, str):
+        raise MissingText(f"question id={question.get('id')!r}: the answer to judge is "
+                          f"{type(answer).__name__}, not text")
+    return answer
 
 
 def _words(messages: list[dict]) -> int:
@@ -465,7 +449,8 @@ class OfflineTeacher(Teacher):
 
     def verdict(self, questions: list[dict], answers: list[str]) -> list[TeacherResult]:
         _same_length(questions, answers)
-        return self._each("verdict", list(zip(questions, answers)), judge_verdict,
+        return self._each("verdict", list(zip(questions, answers)),
+                          lambda q, a: judge_verdict(q, _answer_text(q, a)),
                           prompts.verdict_messages)
 
     def score(self, questions: list[dict], answers: list[str],
@@ -473,7 +458,7 @@ class OfflineTeacher(Teacher):
         _same_length(questions, answers)
         criteria = tuple(criteria)
         return self._each("score", list(zip(questions, answers)),
-                          lambda q, a: judge_scores(q, a, criteria),
+                          lambda q, a: judge_scores(q, _answer_text(q, a), criteria),
                           lambda q, a: prompts.score_messages(q, a, criteria))
 
     def compare(self, questions: list[dict], answers_a: list[str], answers_b: list[str],
@@ -482,7 +467,8 @@ class OfflineTeacher(Teacher):
         _same_length(questions, answers_b)
         criteria = tuple(criteria)
         return self._each("compare", [(q, (a, b)) for q, a, b in zip(questions, answers_a, answers_b)],
-                          lambda q, ab: judge_comparison(q, ab[0], ab[1], criteria),
+                          lambda q, ab: judge_comparison(q, _answer_text(q, ab[0]),
+                                                         _answer_text(q, ab[1]), criteria),
                           lambda q, ab: prompts.compare_messages(q, ab[0], ab[1], criteria))
 
     def _each(self, what: str, items: list[tuple], compute, messages) -> list[TeacherResult]:
@@ -493,7 +479,7 @@ class OfflineTeacher(Teacher):
             try:
                 out = compute(question, other)
                 usage = {"prompt_tokens": _words(messages(question, other)), "completion_tokens": 0}
-            except ValueError as e:  # a record without reference or text: this item fails, not all
+            except MissingText as e:  # a record without reference or text: this item fails, not all
                 self.stats.failures += 1
                 results.append(TeacherResult(ok=False, error=str(e)))
                 continue
