@@ -12,9 +12,10 @@ reason) and metrics/distill.json (quality with vs without guideline, teacher and
 cache hits, tokens, cost, failures).
 
 Exit status: non-zero after writing both files when a budget (``teacher.budget_usd`` or
-``judge.budget_usd``) stopped the stage, or when every call failed, so DVC does not record an
-incomplete run as done. Finished calls are in the teacher cache: re-running resumes, paying only
-for what is missing.
+``judge.budget_usd``, cumulative over the runs of this stage since it last completed) stopped the
+stage, or when more than ``distill.max_failed_fraction`` of the rows failed or of the ablation
+sample could not be compared, so DVC does not record an incomplete run as done. Finished calls
+are in the teacher cache: re-running resumes, paying only for what is missing.
 
 Run alone:  python stages/distill.py        (or: dvc repro distill)
 API key:    OPENAI_API_KEY from the environment only (backend openai); never written anywhere.
@@ -46,13 +47,19 @@ def main() -> int:
     start = time.perf_counter()
     params = load_params()
     inputs = distill_inputs(read_jsonl(GUIDELINES), read_jsonl(TRAIN), limit=params.distill.limit)
-    teacher = make_teacher(params.teacher)
+    teacher = make_teacher(params.teacher, stage="distill")
     try:
-        judge = make_teacher(params.judge, section="judge")
+        judge = make_teacher(params.judge, section="judge", stage="distill")
         try:
             rows = distill_rows(teacher, inputs)
             ablation = guideline_ablation(teacher, judge, inputs, rows, params.distill.ablation_size)
             metrics = distill_metrics(rows, ablation, teacher, judge, time.perf_counter() - start)
+            metrics["max_failed_fraction"] = params.distill.max_failed_fraction
+            problems = incomplete(metrics, params.distill.max_failed_fraction)
+            metrics["complete"] = not problems
+            if not problems:  # a cumulative budget starts afresh for the next run
+                teacher.stage_completed()
+                judge.stage_completed()
         finally:
             judge.close()
     finally:
@@ -64,15 +71,28 @@ def main() -> int:
     log.info("%d rows (%d failed) -> %s; judge quality with guideline %s vs without %s (n=%d)",
              metrics["rows"], metrics["failed"], OUT, quality["with_guideline"],
              quality["without_guideline"], quality["n"])
-    if metrics["budget_stopped"]:
-        log.error("stopped by the budget: %d rows failed (%s). Raise teacher.budget_usd / "
-                  "judge.budget_usd and re-run; finished calls come from the cache.",
-                  metrics["failed"], metrics["failed_by_reason"])
-        return EXIT_INCOMPLETE
-    if rows and metrics["failed"] == len(rows):
-        log.error("every teacher call failed (%s); nothing was distilled", metrics["failed_by_reason"])
+    if problems:
+        log.error("incomplete: %s. Outputs and metrics are written; re-run (after raising the "
+                  "budget or fixing the endpoint): finished calls come from the cache.",
+                  "; ".join(problems))
         return EXIT_INCOMPLETE
     return 0
+
+
+def incomplete(metrics: dict, max_failed_fraction: float) -> list[str]:
+    """Why this run must not count as done (empty when it is complete)."""
+    problems = []
+    if metrics["budget_stopped"]:
+        problems.append("stopped by the budget (teacher.budget_usd / judge.budget_usd)")
+    if metrics["rows"] and metrics["failed_fraction"] > max_failed_fraction:
+        problems.append(f"{metrics['failed']}/{metrics['rows']} rows failed "
+                        f"({metrics['failed_by_reason']}), above distill.max_failed_fraction="
+                        f"{max_failed_fraction:g}")
+    if metrics["ablation_failed_fraction"] > max_failed_fraction:
+        problems.append(f"{metrics['ablation_failed_fraction']:.0%} of the ablation sample could "
+                        f"not be compared ({metrics['ablation_failures']}), above "
+                        f"distill.max_failed_fraction={max_failed_fraction:g}")
+    return problems
 
 
 if __name__ == "__main__":

@@ -19,8 +19,10 @@ metrics/refine.json (pass rate after each iteration, outcomes, updates, optimise
 trained, teacher calls / cache hits / failures / cost) and the loss curve of all updates under
 dvclive/refine/.
 
-Exit status: non-zero after writing everything when the teacher budget stopped the stage or every
-verdict failed, so DVC does not record an incomplete run as done. Re-running retraces the same
+Exit status: non-zero after writing everything when the teacher budget (cumulative over the runs
+of this stage since it last completed) stopped the stage or more than
+``refine.max_failed_fraction`` of the questions got no verdict, so DVC does not record an
+incomplete run as done. Re-running retraces the same
 trajectory (greedy generation, seeded training) and takes the finished teacher calls from the cache.
 
 Run alone:  python stages/refine.py        (or: dvc repro refine)
@@ -68,11 +70,15 @@ def main() -> int:
                                     trust_remote_code=params.student.trust_remote_code,
                                     adapter_trainable=True)
     model = make_trainable(model, refine_params.train.lora, seed=refine_params.train.seed)
-    teacher = make_teacher(params.teacher)
+    teacher = make_teacher(params.teacher, stage="refine")
     # No git side effects: the DVC stage, not DVCLive, records the experiment.
     live = Live(dir=str(LOG_DIR), save_dvc_exp=False, dvcyaml=None)
     try:
         run = refine(model, tokenizer, teacher, inputs, refine_params, params.generation, live=live)
+        problems = incomplete(run.metrics(refine_params.max_iterations),
+                              refine_params.max_failed_fraction)
+        if not problems:  # a cumulative budget starts afresh for the next run
+            teacher.stage_completed()
     finally:
         live.end()
         teacher.close()
@@ -91,6 +97,9 @@ def main() -> int:
         "target": refine_params.target,
         "feedback": refine_params.feedback,
         "keep_failed": refine_params.keep_failed,
+        "failed_fraction": failed_fraction(run.metrics(refine_params.max_iterations)),
+        "max_failed_fraction": refine_params.max_failed_fraction,
+        "complete": not problems,
         "seconds": round(time.perf_counter() - start, 1),
     }
     write_json(METRICS, metrics)
@@ -101,14 +110,30 @@ def main() -> int:
              metrics["teacher"]["cache_hits"], OUT, OUT_DIR)
     if skipped[NOT_OK] or skipped[NO_ANSWER]:
         log.info("skipped distilled rows: %s", dict(skipped))
-    if metrics["budget_stopped"]:
-        log.error("stopped by the teacher budget: raise teacher.budget_usd and re-run; finished "
-                  "calls come from the cache")
-        return EXIT_INCOMPLETE
-    if metrics["outcomes"][TEACHER_ERROR] == metrics["questions"]:
-        log.error("the teacher gave no verdict for any question; see the 'error' field of %s", OUT)
+    if problems:
+        log.error("incomplete: %s. Outputs and metrics are written; re-run (after raising the "
+                  "budget or fixing the endpoint): finished calls come from the cache; see the "
+                  "'error' field of %s.", "; ".join(problems), OUT)
         return EXIT_INCOMPLETE
     return 0
+
+
+def failed_fraction(metrics: dict) -> float:
+    """Share of questions the teacher gave no verdict for."""
+    n = metrics["questions"]
+    return round(metrics["outcomes"][TEACHER_ERROR] / n, 4) if n else 0.0
+
+
+def incomplete(metrics: dict, max_failed_fraction: float) -> list[str]:
+    """Why this run must not count as done (empty when it is complete)."""
+    problems = []
+    if metrics["budget_stopped"]:
+        problems.append("stopped by the teacher budget (teacher.budget_usd)")
+    if failed_fraction(metrics) > max_failed_fraction:
+        problems.append(f"{metrics['outcomes'][TEACHER_ERROR]}/{metrics['questions']} questions "
+                        f"got no teacher verdict, above refine.max_failed_fraction="
+                        f"{max_failed_fraction:g}")
+    return problems
 
 
 if __name__ == "__main__":

@@ -4,12 +4,16 @@ session); nothing downloaded."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Teacher caches default to a per-user directory (meteor.paths.cache_root); tests never use the
+# user's, and stage runs in tests that leave cache_dir at null share this one.
+os.environ["METEOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="meteor-test-cache-")
 
 TINY_TEXTS = [
     "Gradient descent updates the weights in the direction that lowers the loss.",

@@ -166,7 +166,9 @@ def test_budget_stop_exits_non_zero_then_resumes_from_the_cache(tmp_path, monkey
         teacher = {"backend": "openai", "model": "fake-model", "base_url": server.base_url,
                    "cache_dir": str(tmp_path / "cache"), "max_concurrency": 1,
                    "prices": expensive, "budget_usd": 1.0}
-        write_workdir(tmp_path, {"teacher": teacher, "distill": {"ablation_size": 2}})
+        offline_judge = {"backend": "offline", "model": "offline-reference"}  # else it inherits
+        write_workdir(tmp_path, {"teacher": teacher, "judge": offline_judge,
+                                 "distill": {"ablation_size": 2}})
         rc, rows, metrics = run_stage(tmp_path, monkeypatch)
         assert rc == 3  # DVC must not take a budget-stopped run as complete
         assert [r["id"] for r in rows] == [11, 12, 13, 14]
@@ -176,7 +178,8 @@ def test_budget_stop_exits_non_zero_then_resumes_from_the_cache(tmp_path, monkey
         assert metrics["teacher"]["calls"] == 1 and server.calls == 1
 
         teacher["budget_usd"] = None
-        write_workdir(tmp_path, {"teacher": teacher, "distill": {"ablation_size": 2}})
+        write_workdir(tmp_path, {"teacher": teacher, "judge": offline_judge,
+                                 "distill": {"ablation_size": 2}})
         rc, rows, metrics = run_stage(tmp_path, monkeypatch)
         assert rc == 0 and all(r["ok"] for r in rows)
         assert metrics["teacher"]["cache_hits"] >= 1  # the call paid for before is not repeated
@@ -212,3 +215,67 @@ def test_ablation_without_any_usable_guideline_reports_nothing_not_a_tie():
     assert quality["with_guideline"] is quality["without_guideline"] is quality["gain"] is None
     assert set(quality["per_criterion"]["with_guideline"].values()) == {None}
     assert teacher.stats.calls == calls and judge.stats.calls == 0  # nothing asked
+
+
+def test_budget_is_cumulative_across_reruns_until_the_stage_completes(tmp_path, monkeypatch):
+    from meteor.teacher.cache import ResponseCache
+
+    with FakeOpenAIServer() as server:
+        expensive = {"fake-model": {"input": 1e6, "output": 1e6}}  # every call costs > 1 USD
+        teacher = {"backend": "openai", "model": "fake-model", "base_url": server.base_url,
+                   "cache_dir": str(tmp_path / "cache"), "max_concurrency": 1,
+                   "prices": expensive, "budget_usd": 1.0}
+        write_workdir(tmp_path, {"teacher": teacher, "distill": {"ablation_size": 0}})
+        rc, _, first = run_stage(tmp_path, monkeypatch)
+        assert rc == 3 and server.calls == 1
+        # The same budget again: it is spent already, so no call is made (a per-run budget
+        # would pay for one more).
+        rc, rows, metrics = run_stage(tmp_path, monkeypatch)
+        assert rc == 3 and server.calls == 1
+        assert [r["ok"] for r in rows] == [True, False, False, False]
+        spend = metrics["teacher"]
+        assert spend["budget_counts"].startswith("cumulative") and spend["cost_usd"] == 0
+        assert spend["spent_before_run_usd"] == first["teacher"]["cost_usd"] > 1.0
+        assert spend["spent_total_usd"] == spend["spent_before_run_usd"]
+        # Raising it resumes; completing clears the ledger, so the next run has the full budget.
+        teacher["budget_usd"] = 1e9
+        write_workdir(tmp_path, {"teacher": teacher, "distill": {"ablation_size": 0}})
+        rc, rows, metrics = run_stage(tmp_path, monkeypatch)
+        assert rc == 0 and all(r["ok"] for r in rows) and server.calls == 4
+        assert metrics["complete"] and metrics["teacher"]["spent_total_usd"] > first["teacher"]["cost_usd"]
+        with ResponseCache(tmp_path / "cache") as cache:
+            assert cache.spent("distill/teacher") == 0.0
+
+
+def test_too_many_failed_calls_fail_the_stage_and_a_rerun_takes_the_rest_from_the_cache(
+        tmp_path, monkeypatch):
+    with FakeOpenAIServer(Faults(rate_500=0.5, seed=3)) as server:
+        teacher = {"backend": "openai", "model": "fake-model", "base_url": server.base_url,
+                   "cache_dir": str(tmp_path / "cache"), "max_concurrency": 2, "max_retries": 0}
+        write_workdir(tmp_path, {"teacher": teacher, "distill": {"ablation_size": 0}})
+        rc, rows, metrics = run_stage(tmp_path, monkeypatch)
+        failed = [r["id"] for r in rows if not r["ok"]]
+        assert 0 < len(failed) < len(rows), "the seed must fail some calls, not all"
+        assert rc == 3 and not metrics["complete"]  # outputs and metrics written, then non-zero
+        assert metrics["failed_fraction"] == len(failed) / 4 > metrics["max_failed_fraction"]
+        assert server.log.outcomes["500"] == len(failed)
+        finished = server.log.ok_bodies.copy()
+
+        server.faults = Faults()  # the endpoint recovers
+        calls_before = server.calls
+        rc, rows, metrics = run_stage(tmp_path, monkeypatch)
+        assert rc == 0 and metrics["complete"] and all(r["ok"] for r in rows)
+        assert server.calls - calls_before == len(failed)  # only the failed items are asked again
+        assert all(server.log.ok_bodies[b] == 1 for b in finished)
+        assert metrics["teacher"]["cache_hits"] == 4 - len(failed)
+
+
+def test_max_failed_fraction_tolerates_what_it_says(tmp_path, monkeypatch):
+    with FakeOpenAIServer(responder=empty_reply_for_blue_images) as server:  # 1 of 4 rows fails
+        teacher = {"backend": "openai", "model": "fake-model", "base_url": server.base_url,
+                   "cache_dir": str(tmp_path / "cache"), "max_retries": 0}
+        for allowed, want_rc in ((0.25, 0), (0.2, 3)):
+            write_workdir(tmp_path, {"teacher": teacher, "distill": {
+                "ablation_size": 0, "max_failed_fraction": allowed}})
+            rc, _, metrics = run_stage(tmp_path, monkeypatch)
+            assert (rc, metrics["failed_fraction"]) == (want_rc, 0.25)

@@ -11,12 +11,12 @@ import pytest
 import yaml
 
 import meteor.guideline as guideline_lib
-from meteor import prompts
 from meteor.guideline import (
     DEGENERATE_REASONS,
     clean_guideline,
     degenerate_reason,
     fit_question,
+    guideline_messages,
     write_guidelines,
 )
 from meteor.params import GenerationParams
@@ -39,11 +39,11 @@ GEN = GenerationParams(batch_size=3, max_new_tokens=8)
 
 
 def prompt_text(question: dict) -> str:
-    return "\n".join(m["content"] for m in prompts.guideline_messages(question))
+    return "\n".join(m["content"] for m in guideline_messages(question))
 
 
 def test_prompt_asks_the_field_expert_for_a_numbered_guideline_not_an_answer():
-    messages = prompts.guideline_messages(QUESTIONS[0])
+    messages = guideline_messages(QUESTIONS[0])
     assert messages[0] == {"role": "system", "content": "You are an expert in computer vision."}
     user = messages[1]["content"]
     assert "Do NOT answer" in user and "numbered guideline" in user
@@ -51,7 +51,7 @@ def test_prompt_asks_the_field_expert_for_a_numbered_guideline_not_an_answer():
         assert aspect in user
     assert "Title: Why are my OpenCV colours wrong?" in user and "cv2.imread" in user
     assert "BGR vs RGB" not in user  # the reference answer never reaches the student
-    assert "machine learning" in prompts.guideline_messages(QUESTIONS[1])[0]["content"]
+    assert "machine learning" in guideline_messages(QUESTIONS[1])[0]["content"]
 
 
 @pytest.mark.parametrize("text, reason", [
@@ -80,7 +80,7 @@ def test_long_question_is_cut_to_fit_the_context(tiny_model_dir):
     _, tokenizer = load_student(tiny_model_dir)
 
     def length(q: dict) -> int:
-        return len(encode_prompts(tokenizer, [prompts.guideline_messages(q)])[0])
+        return len(encode_prompts(tokenizer, [guideline_messages(q)])[0])
 
     budget = length({**QUESTIONS[1], "question": ""}) + 60  # room for part of the body
     long = {**QUESTIONS[1], "question": "Why does the validation error rise? " * 200}
@@ -123,7 +123,7 @@ def test_degenerate_outputs_are_kept_and_counted_by_reason(tiny_model_dir, monke
     """With a fake generator: echoes, junk and a good guideline, all rows kept with reasons."""
     model, tokenizer = load_student(tiny_model_dir)
     replies = iter([
-        "\n".join(m["content"] for m in prompts.guideline_messages(QUESTIONS[0]))[:400],  # echo
+        "\n".join(m["content"] for m in guideline_messages(QUESTIONS[0]))[:400],  # echo
         "",
         GOOD,
         "ok ok ok ok ok ok ok ok ok ok",

@@ -35,6 +35,8 @@ TINY_PARAMS = {
     "refine": {"limit": 8, "fine_tune_interval": 2, "max_iterations": 2, "max_new_tokens": 12,
                "train": {"max_steps": 2, "batch_size": 2, "max_seq_len": 512,
                          "lora": {"r": 4, "alpha": 8}}},
+    # an almost untrained scorer: keep rows whatever their IFD, so that every chunk has data
+    "ifd_select": {"max_ifd": 10.0, "min_answer_tokens": 2},
 }
 
 

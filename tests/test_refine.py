@@ -19,7 +19,7 @@ from fake_openai_server import FakeOpenAIServer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import meteor.refine as refine_mod
-from meteor import prompts
+from meteor import refine_prompts as prompts
 from meteor.params import GenerationParams, RefineParams, TeacherParams
 from meteor.refine import (RefineInput, refine, refine_inputs, training_example,
                            weight_fingerprint)

@@ -31,7 +31,8 @@ import yaml
 from test_distill import QUESTIONS, guideline_rows
 from test_teacher_serve import free_port, wait_healthy
 
-from meteor import prompts
+from meteor import prompts, refine_prompts
+from meteor.guideline import guideline_messages
 from meteor.params import GenerationParams, TeacherParams, TrainParams
 from meteor.student import gguf
 from meteor.student.generate import encode_prompts, generate
@@ -148,7 +149,7 @@ def test_chatml_labels_are_exactly_the_answer_and_its_end_token(smollm_tokenizer
     elif case == "pipeline_prompt":  # how sft and refine train: system + user from meteor.prompts
         messages = question_answer_example(ROW, ANSWER)
     else:  # a revision: only the last assistant turn is the target
-        messages = [*prompts.revision_messages(ROW, "Add more layers.", "Wrong: it ignores NaN."),
+        messages = [*refine_prompts.revision_messages(ROW, "Add more layers.", "Wrong: it ignores NaN."),
                     {"role": "assistant", "content": ANSWER}]
     example = encode_examples(tok, [messages], max_seq_len=4096).examples[0]
     trained_text, ignored_text, positions = split_labels(tok, example)
@@ -240,7 +241,7 @@ def test_batched_greedy_generation_equals_one_at_a_time(smollm_dir):
     conversations = [
         [{"role": "user", "content": "What is overfitting?"}],
         prompts.student_answer_messages(QUESTIONS[1]),
-        prompts.guideline_messages(QUESTIONS[2]),
+        guideline_messages(QUESTIONS[2]),
         [{"role": "user", "content": "Name one optimiser that adapts its learning rate per parameter."}],
     ]
     lengths = [len(p) for p in encode_prompts(tokenizer, conversations)]

@@ -38,3 +38,19 @@ def test_local_teacher_reasks_then_fails_cleanly_on_invalid_json(tiny_model_dir,
     assert [r.ok for r in results] == [False, False]
     assert all(r.error.startswith("invalid JSON after 2 replies") for r in results)
     assert teacher.stats.calls == 4 and teacher.stats.failures == 2
+
+
+def test_a_changed_local_model_is_not_answered_from_the_cache(tiny_model_dir, tmp_path):
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    questions = make_questions(2)
+    local_teacher(model_dir, tmp_path, temperature=1.0).answer(questions, [None, None])
+    warm = local_teacher(model_dir, tmp_path, temperature=1.0)
+    warm.answer(questions, [None, None])
+    assert warm.stats.calls == 0
+    (model_dir / "README.md").write_text("retrained\n")  # same path, new content hash
+    changed = local_teacher(model_dir, tmp_path, temperature=1.0)
+    changed.answer(questions, [None, None])
+    assert changed.stats.calls == 2 and changed.stats.cache_hits == 0

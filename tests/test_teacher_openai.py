@@ -18,9 +18,8 @@ import pytest
 import yaml
 from fake_openai_server import FakeOpenAIServer, Faults, default_responder, make_questions
 
-from meteor import prompts
 from meteor.params import ParamsError, TeacherParams, load_params
-from meteor.teacher import make_teacher
+from meteor.teacher import make_teacher, prompts
 from meteor.teacher.base import Scores, Verdict
 from meteor.teacher.cache import ResponseCache
 from meteor.teacher.chat import BUDGET, ChatTeacher
@@ -337,3 +336,13 @@ def test_sigkill_mid_stage_then_rerun_repeats_no_finished_call(serve, tmp_path):
     assert not asked_again & finished
     assert len(asked_again) == n - len(finished) == teacher.stats.calls
     assert [r.text for r in results] == expected_answers(make_questions(n))
+
+
+def test_the_same_model_on_another_endpoint_is_another_cache_entry(serve, tmp_path):
+    questions = make_questions(3)
+    first, second = serve(), serve()
+    build(first, tmp_path).answer(questions, [None] * 3)
+    build(first, tmp_path).answer(questions, [None] * 3)
+    assert first.calls == 3  # the second run came from the cache
+    results = build(second, tmp_path).answer(questions, [None] * 3)
+    assert second.calls == 3 and not any(r.cached for r in results)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from meteor import prompts
+from meteor.teacher import prompts
 
 QUESTION = {"id": 42, "category": "NLP", "title": "Why pad on the left?",
             "question": "Batched generation gives garbage with right padding.",

@@ -183,6 +183,10 @@ def distill_metrics(rows: Sequence[dict], ablation: Ablation, teacher: Teacher, 
         "rows": len(rows),
         "failed": sum(failed.values()),
         "failed_by_reason": dict(sorted(failed.items())),
+        "failed_fraction": round(sum(failed.values()) / len(rows), 4) if rows else 0.0,
+        # share of the ablation sample without a with/without comparison (a failed call)
+        "ablation_failed_fraction": (round(1 - ablation.quality["n"] / ablation.quality["sample"], 4)
+                                     if ablation.quality["sample"] else 0.0),
         "without_guideline_rows": sum(r["guideline"] is None for r in rows),
         "quality": ablation.quality,
         "ablation_failures": dict(sorted(ablation.failures.items())),

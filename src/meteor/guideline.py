@@ -1,6 +1,6 @@
 """METEOR 1a: the student writes, per question, a numbered guideline of what a precise answer needs.
 
-:func:`write_guidelines` builds the chat prompts (:func:`meteor.prompts.guideline_messages`),
+:func:`write_guidelines` builds the chat prompts (:func:`guideline_messages`),
 generates them in batches with the student, cleans each output and flags degenerate ones by reason
 (:data:`DEGENERATE_REASONS`, checked in that order):
 
@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from meteor import prompts
+from meteor.prompts import field_of, format_question
 from meteor.params import GenerationParams
 from meteor.student.generate import encode_prompts, generate, generation_kwargs
 
@@ -86,6 +86,32 @@ def degenerate_reason(guideline: str, prompt_text: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------------ prompts
+GUIDELINE_ASPECTS = (
+    "the scope of the question: what exactly is asked and what is out of scope",
+    "the definitions and concepts the answer must explain",
+    "the steps or reasoning that lead to the answer",
+    "the pitfalls and common mistakes to warn about",
+    "the resources worth citing (documentation, papers, libraries)",
+)
+
+
+def guideline_messages(question: dict) -> list[dict]:
+    """METEOR 1a: the student, as an expert of the field, writes a numbered guideline of what a
+    precise answer needs. It must *not* answer: the guideline steers the teacher's answer."""
+    aspects = "\n".join(f"- {a}" for a in GUIDELINE_ASPECTS)
+    instruction = (
+        f"Here is a {field_of(question)} question. Do NOT answer it. Instead, write a numbered "
+        "guideline (1., 2., 3., ...) of what a precise answer to it needs, covering:\n"
+        f"{aspects}\n"
+        "Write only the numbered list, one short point per line.\n\n"
+        f"Question:\n{format_question(question)}"
+    )
+    return [
+        {"role": "system", "content": f"You are an expert in {field_of(question)}."},
+        {"role": "user", "content": instruction},
+    ]
+
+
 def fit_question(question: dict, tokenizer, max_prompt_tokens: int | None) -> tuple[dict, bool]:
     """``question`` with its body cut so that its guideline prompt fits ``max_prompt_tokens``.
 
@@ -96,7 +122,7 @@ def fit_question(question: dict, tokenizer, max_prompt_tokens: int | None) -> tu
         return question, False
 
     def length(q: dict) -> int:
-        return len(encode_prompts(tokenizer, [prompts.guideline_messages(q)])[0])
+        return len(encode_prompts(tokenizer, [guideline_messages(q)])[0])
 
     if length(question) <= max_prompt_tokens:
         return question, False
@@ -173,7 +199,7 @@ def write_guidelines(
     context = context_length(model)
     max_prompt_tokens = context - max_new_tokens if context else None
     fitted = [fit_question(q, tokenizer, max_prompt_tokens) for q in questions]
-    conversations = [prompts.guideline_messages(q) for q, _ in fitted]
+    conversations = [guideline_messages(q) for q, _ in fitted]
     outputs = generate(model, tokenizer, conversations,
                        **generation_kwargs(generation, max_new_tokens=max_new_tokens),
                        progress="guidelines" if progress else False)

@@ -8,6 +8,7 @@ exactly those sections, so changing one re-runs only the stages that read it.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Literal
 
@@ -157,7 +158,10 @@ class TeacherParams(Section):
         },
         description="USD per 1M tokens, by model name; unknown models cost 0.",
     )
-    cache_dir: str = Field(".cache/teacher", description="Persistent response cache (git-ignored).")
+    cache_dir: str | None = Field(
+        None, description="Persistent response cache directory; null: <cache root>/teacher, the "
+                          "root being $METEOR_CACHE_DIR, else $XDG_CACHE_HOME/meteor (~/.cache/meteor). "
+                          "Outside the repo, so queued and temp experiments share it.")
     batch_size: int = Field(8, ge=1, description="Batch size of the local backend.")
 
 
@@ -171,6 +175,10 @@ class DistillParams(Section):
     limit: int | None = Field(None, ge=1, description="Only the first N guidelines (debugging).")
     ablation_size: int = Field(20, ge=0, description="Questions distilled with and without "
                                "guideline: the first ones whose guideline is not degenerate.")
+    max_failed_fraction: float = Field(
+        0.05, ge=0, le=1, description="Above this share of failed rows (or of ablation pairs that "
+                                      "could not be compared) the stage writes its outputs and "
+                                      "metrics, then exits non-zero; a re-run resumes from the cache.")
 
 
 # ------------------------------------------------------------------------------------ training
@@ -233,7 +241,82 @@ class RefineParams(Section):
                                  "passes (the tiny student against the offline teacher).")
     limit: int | None = Field(None, ge=1, description="Only the first N questions (debugging).")
     max_new_tokens: int = Field(160, ge=1)
+    max_failed_fraction: float = Field(
+        0.05, ge=0, le=1, description="Above this share of questions that got no teacher verdict, "
+                                      "the stage writes its outputs and metrics, then exits "
+                                      "non-zero; a re-run resumes from the cache.")
     train: RefineTrainParams = Field(default_factory=RefineTrainParams)
+
+
+# A section that inherits every key it does not set from another, so params.yaml writes each shared
+# value once: the judge is the teacher unless told otherwise, and refine keeps training the sft
+# adapter, whose LoRA shape it must share. (YAML anchors / merge keys cannot do this: `dvc exp run
+# -S teacher.x=...` rewrites the file with every merged key copied into the child, so the override
+# silently skips the judge and the link is gone.) A stage reading a child must also list its parent
+# under `params:` in dvc.yaml (tests/test_dvc_deps.py checks it).
+INHERITS = {"judge": "teacher", "refine.train.lora": "sft.train.lora"}
+
+
+def _node(data: dict, dotted: str) -> dict | None:
+    for key in dotted.split("."):
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data if isinstance(data, dict) else None
+
+
+def resolve_inheritance(data: dict) -> dict:
+    """``data`` (a raw params mapping) with each :data:`INHERITS` child completed by its parent's
+    keys (the child's own keys win; a key's whole value is taken, e.g. a whole ``prices`` table)."""
+    if not isinstance(data, dict):
+        return data
+    data = copy.deepcopy(data)
+    for child, parent in INHERITS.items():
+        inherited = _node(data, parent)
+        if not inherited:
+            continue
+        *path, last = child.split(".")
+        node = data
+        for key in path:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            own = node.get(last)
+            if own is None:
+                own = {}
+            if isinstance(own, dict):
+                node[last] = {**copy.deepcopy(inherited), **own}
+    return data
+# ----------------------------------------------------------------------------------- ifd_select
+class IfdSelectParams(Section):
+    """IFD / r-IFD data selection (Cherry LLM, Superfiltering, Selective Reflection-Tuning)."""
+
+    model: str = Field(
+        "models/self_train",
+        description="Scorer: a student dir (adapter or full model) or hub id. dvc.yaml tracks "
+        "models/self_train; point this elsewhere and change that dependency too.")
+    score: Literal["ifd_loss", "ifd_ppl"] = Field(
+        "ifd_loss", description="Which IFD drives selection (written as `ifd`): Cherry LLM's ratio "
+        "of mean losses or Superfiltering's ratio of perplexities.")
+    max_ifd: float = Field(1.0, gt=0, description="Drop rows with ifd >= this (1: the question "
+                           "does not help the student produce the answer).")
+    max_r_ifd: float | None = Field(
+        None, gt=0, description="Also drop rows with r_ifd >= this (Selective Reflection-Tuning: "
+        "1.0); null: r_ifd is computed and reported but does not select.")
+    min_answer_tokens: int = Field(8, ge=1, description="Drop answers with fewer tokens.")
+    fraction: float = Field(0.5, gt=0, le=1, description="Keep the ceil(fraction * n) highest-IFD "
+                            "rows of each chunk's n surviving rows.")
+    chunk_by: Literal["category", "source"] = Field(
+        "category", description="The chunks: one data/selected/<chunk>.jsonl each.")
+    per_question: Literal["best", "both"] = Field(
+        "best", description="When both versions of a question survive: keep the lower-IFD one "
+        "(best) or both.")
+    max_seq_len: int | None = Field(
+        None, ge=8, description="Truncate scored sequences to this many tokens; null: the "
+        "scorer's context length.")
+    batch_size: int = Field(8, ge=1, description="Sequences per forward pass (scores do not "
+                            "depend on it; on a CPU small batches are faster, on a GPU larger).")
 
 
 class Params(Section):
@@ -247,6 +330,12 @@ class Params(Section):
     distill: DistillParams = Field(default_factory=DistillParams)
     sft: SftParams = Field(default_factory=SftParams)
     refine: RefineParams = Field(default_factory=RefineParams)
+    ifd_select: IfdSelectParams = Field(default_factory=IfdSelectParams)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inherit(cls, data):
+        return resolve_inheritance(data)
 
 
 class ParamsError(ValueError):

@@ -62,7 +62,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from meteor import prompts
+from meteor import refine_prompts as prompts
 from meteor.params import GenerationParams, RefineParams
 from meteor.rows import join_to_questions
 from meteor.student.generate import encode_prompts, generate, generation_kwargs

@@ -13,8 +13,13 @@ from meteor.params import TeacherParams
 from meteor.teacher.base import Teacher
 
 
-def make_teacher(params: TeacherParams, *, section: str = "teacher") -> Teacher:
-    """The teacher (or judge, with ``section="judge"``) described by ``params``."""
+def make_teacher(params: TeacherParams, *, section: str = "teacher",
+                 stage: str | None = None) -> Teacher:
+    """The teacher (or judge, with ``section="judge"``) described by ``params``.
+
+    ``stage`` (the calling stage's name) makes ``budget_usd`` cumulative over that stage's runs
+    until one completes (see :class:`~meteor.teacher.chat.ChatTeacher`); without it the budget
+    counts this run only."""
     if params.backend == "offline":
         from meteor.teacher.offline import OfflineTeacher
 
@@ -32,4 +37,4 @@ def make_teacher(params: TeacherParams, *, section: str = "teacher") -> Teacher:
         backend = LocalBackend(params, section=section)
     else:  # pydantic's Literal already rejects this; kept for code that bypasses validation
         raise ValueError(f"{section}.backend: unknown backend {params.backend!r}")
-    return ChatTeacher(params, backend)
+    return ChatTeacher(params, backend, budget_scope=f"{stage}/{section}" if stage else None)

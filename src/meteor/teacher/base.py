@@ -70,11 +70,20 @@ class TeacherStats:
     failures: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cost_usd: float = 0.0
+    cost_usd: float = 0.0  # this run's spend
+    budget_usd: float | None = None
+    # "<stage>/<section>": the budget counts every run of the stage since it last completed
+    # (spent_before_run_usd + cost_usd); None: this run's spend only
+    budget_scope: str | None = None
+    spent_before_run_usd: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["cost_usd"] = round(d["cost_usd"], 6)
+        for k in ("cost_usd", "spent_before_run_usd"):
+            d[k] = round(d[k], 6)
+        d["budget_counts"] = ("cumulative: every run of the stage since it last completed"
+                              if self.budget_scope else "this run only")
+        d["spent_total_usd"] = round(self.spent_before_run_usd + self.cost_usd, 6)
         return d
 
 
@@ -101,6 +110,9 @@ class Teacher(ABC):
     def compare(self, questions: list[dict], answers_a: list[str], answers_b: list[str],
                 criteria: tuple[str, ...] = CRITERIA) -> list[TeacherResult]:
         """:class:`Comparison` per (question, answer A, answer B), A shown first."""
+
+    def stage_completed(self) -> None:  # noqa: B027 - optional hook
+        """The stage that used this teacher finished; a cumulative budget starts afresh."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release clients, pools, caches."""

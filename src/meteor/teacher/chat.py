@@ -10,6 +10,7 @@ after 3 replies: ..."``), never an exception that kills the stage halfway.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -20,11 +21,11 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ValidationError
 from tqdm.auto import tqdm
 
-from meteor import prompts
+from meteor.teacher import prompts
 from meteor.params import TeacherParams
 from meteor.teacher.base import (CRITERIA, Comparison, Scores, Teacher, TeacherResult, TeacherStats,
                                  Verdict)
-from meteor.teacher.cache import ResponseCache, cache_key
+from meteor.teacher.cache import ResponseCache, cache_key, teacher_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,12 @@ class ChatBackend(ABC):
     kind: str  # "openai" | "local": part of the cache key
     model: str
 
+    @property
+    def identity(self) -> str | None:
+        """Who answers beyond ``kind`` and ``model`` (part of the cache key): an endpoint URL,
+        a model revision. Computed once per backend."""
+        return None
+
     @abstractmethod
     def complete(
         self,
@@ -79,18 +86,45 @@ class ChatBackend(ABC):
 
 
 # ---------------------------------------------------------------------------- structured replies
-_FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.S)
+_FENCE_OPEN = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\n?")
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _fenced_candidates(text: str) -> list[str]:
+    """Bodies of fenced blocks, each from an opening fence to a later ``` (the longest first, so
+    a JSON string holding its own ```python fence is not cut at the inner fence)."""
+    out = []
+    for opening in _FENCE_OPEN.finditer(text):
+        start = opening.end()
+        ends = [m.start() for m in re.finditer("```", text[start:])]
+        out += [text[start:start + e].strip() for e in reversed(ends)]
+    return out
 
 
 def extract_json(text: str) -> str:
-    """The JSON part of a reply: a fenced ```json block, else the outermost ``{...}`` span."""
-    fenced = _FENCE.search(text)
-    if fenced:
-        return fenced.group(1).strip()
+    """The JSON part of a reply: the whole reply when it parses as JSON (a verdict whose feedback
+    quotes code fences is still whole), else the body of a fenced block that parses, else the
+    outermost ``{...}`` span. When nothing parses, the best guess is returned, so validation
+    names the error."""
+    stripped = text.strip()
+    if _is_json(stripped):
+        return stripped
+    fenced = _fenced_candidates(text)
     start, end = text.find("{"), text.rfind("}")
-    if start != -1 and end > start:
-        return text[start:end + 1]
-    return text.strip()
+    braces = text[start:end + 1] if start != -1 and end > start else None
+    for candidate in [*fenced, braces]:
+        if candidate is not None and _is_json(candidate):
+            return candidate
+    if braces is not None:
+        return braces
+    return fenced[-1] if fenced else stripped
 
 
 def _short_validation_error(err: ValidationError, limit: int = 3) -> str:
@@ -132,19 +166,28 @@ def check_preferences(comparison: Comparison, criteria: tuple[str, ...]) -> Comp
 class ChatTeacher(Teacher):
     """Teacher/judge over a chat backend, with cache, JSON validation + re-ask and a budget.
 
-    Budget: before each request, if this run's spend (``stats.cost_usd``, from the token usage and
-    ``prices``) has reached ``budget_usd``, the item fails with reason ``"budget"`` instead. Requests
-    already in flight still finish, so the spend can exceed the budget by at most
-    ``max_concurrency`` requests. Cache hits are free, so re-running with a larger budget resumes.
+    Budget: before each request, if the spend (from the token usage and ``prices``) has reached
+    ``budget_usd``, the item fails with reason ``"budget"`` instead. With a ``budget_scope``
+    (``"<stage>/<section>"``, set by the stage) the spend is cumulative: every call's cost is
+    added to a ledger in the cache database at once, the budget counts what all runs of the stage
+    spent since it last completed (:meth:`stage_completed` clears the ledger), so re-running a
+    stopped or crashed stage cannot spend the budget again. Without a scope it is this run's
+    spend only. Requests already in flight still finish, so the spend can exceed the budget by at
+    most ``max_concurrency`` requests. Cache hits are free, so re-running with a larger budget
+    resumes.
     """
 
     def __init__(self, params: TeacherParams, backend: ChatBackend, *,
-                 cache: ResponseCache | None = None, progress: bool = True):
+                 cache: ResponseCache | None = None, progress: bool = True,
+                 budget_scope: str | None = None):
         self.params = params
         self.backend = backend
-        self.cache = cache if cache is not None else ResponseCache(params.cache_dir)
+        self.cache = cache if cache is not None else ResponseCache(teacher_cache_dir(params.cache_dir))
         self.name = f"{backend.kind}:{params.model}"
-        self.stats = TeacherStats()
+        self.budget_scope = budget_scope
+        self.stats = TeacherStats(budget_usd=params.budget_usd, budget_scope=budget_scope)
+        if budget_scope is not None:
+            self.stats.spent_before_run_usd = self.cache.spent(budget_scope)
         self.progress = progress
         self._lock = threading.Lock()  # stats are updated from backend worker threads
         self._budget_logged = False
@@ -181,6 +224,11 @@ class ChatTeacher(Teacher):
                          for q, a, b in zip(questions, answers_a, answers_b)]
         return self.complete(conversations, schema=Comparison,
                              check=lambda c: check_preferences(c, criteria))
+
+    def stage_completed(self) -> None:
+        """The stage finished: its next run starts a fresh budget (clears the spend ledger)."""
+        if self.budget_scope is not None:
+            self.cache.clear_spend(self.budget_scope)
 
     def close(self) -> None:
         self.backend.close()
@@ -255,8 +303,11 @@ class ChatTeacher(Teacher):
         budget = self.params.budget_usd
         if budget is None:
             return True
-        with self._lock:
-            spent = self.stats.cost_usd
+        if self.budget_scope is not None:  # read the ledger: another run may share the scope
+            spent = self.cache.spent(self.budget_scope)
+        else:
+            with self._lock:
+                spent = self.stats.cost_usd
         if spent < budget:
             return True
         if not self._budget_logged:
@@ -276,10 +327,12 @@ class ChatTeacher(Teacher):
                     sample_index: int) -> list[Outcome]:
         """Cache hits first; the misses go to the backend and are committed as each finishes."""
         response_format = JSON_FORMAT if (json_mode and self.params.json_mode) else None
+        endpoint = self.backend.identity
         keys = [
             cache_key(backend=self.backend.kind, model=self.params.model, messages=c,
                       temperature=self.params.temperature, max_tokens=self.params.max_tokens,
-                      response_format=response_format, sample_index=sample_index)
+                      response_format=response_format, sample_index=sample_index,
+                      endpoint=endpoint)
             for c in conversations
         ]
         outcomes: list[Outcome | None] = [None] * len(conversations)
@@ -300,17 +353,24 @@ class ChatTeacher(Teacher):
 
         def on_done(m: int, out: Outcome) -> None:
             j = misses[m]
+            paid = out
             if isinstance(out, Completion) and out.text.strip():
                 # Commit before anything else: a kill right after this line loses nothing.
-                # Empty replies are not kept, so a re-run asks again.
-                self.cache.put(keys[j], out.text, out.usage, backend=self.backend.kind,
-                               model=self.params.model)
+                # Empty replies are not kept, so a re-run asks again. If another process stored
+                # a reply for this key first, use that one: a reply in use is never replaced.
+                stored = self.cache.put(keys[j], out.text, out.usage, backend=self.backend.kind,
+                                        model=self.params.model)
+                if stored.text != out.text:
+                    out = Completion(stored.text, stored.usage, attempts=out.attempts, cached=True)
+            cost = self._cost(paid.usage) if isinstance(paid, Completion) else 0.0
+            if cost and self.budget_scope is not None:
+                self.cache.add_spend(self.budget_scope, cost)
             with self._lock:
-                self.stats.calls += out.attempts
-                if isinstance(out, Completion):
-                    self.stats.prompt_tokens += int(out.usage.get("prompt_tokens", 0))
-                    self.stats.completion_tokens += int(out.usage.get("completion_tokens", 0))
-                    self.stats.cost_usd += self._cost(out.usage)
+                self.stats.calls += paid.attempts
+                if isinstance(paid, Completion):
+                    self.stats.prompt_tokens += int(paid.usage.get("prompt_tokens", 0))
+                    self.stats.completion_tokens += int(paid.usage.get("completion_tokens", 0))
+                    self.stats.cost_usd += cost
             outcomes[j] = out
             bar.update(1)
 

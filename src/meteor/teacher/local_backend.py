@@ -36,6 +36,22 @@ class LocalBackend(ChatBackend):
         self.model = params.model
         self._section = section
         self._loaded = None  # (model, tokenizer), loaded on first use
+        self._identity: str | None = None
+
+    def _source(self) -> str:
+        return str(Path(self.model).expanduser()) if _looks_like_path(self.model) else self.model
+
+    @property
+    def identity(self) -> str:
+        """What exactly is loaded: a local directory's content hash, or the hub commit the id
+        resolves to in the local hub cache (a retrained model at the same path is a new key)."""
+        if self._identity is None:
+            from meteor.student.load import resolve_revision
+
+            rev = resolve_revision(self._source())
+            self._identity = (rev["revision"] if rev["kind"] == "local"
+                              else f"{rev['source']}@{rev['revision']}")
+        return self._identity
 
     def _load(self):
         if self._loaded is None:
@@ -43,8 +59,7 @@ class LocalBackend(ChatBackend):
 
             log.info("loading local %s model %s", self._section, self.model)
             try:
-                model, tokenizer = load_student(str(Path(self.model).expanduser())
-                                                if _looks_like_path(self.model) else self.model)
+                model, tokenizer = load_student(self._source())
             except OSError as e:
                 raise ParamsError(f"{self._section}.model: cannot load {self.model!r}: {e}") from e
             model.eval()

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from meteor import prompts
+from meteor.teacher import prompts
 from meteor.params import TeacherParams
 from meteor.teacher.base import (
     CRITERIA,

@@ -119,6 +119,11 @@ class OpenAIBackend(ChatBackend):
         self.client = openai.OpenAI(api_key=resolve_api_key(self.base_url), base_url=self.base_url,
                                     timeout=params.timeout_s, max_retries=0)
 
+    @property
+    def identity(self) -> str:
+        """The resolved endpoint: the same model name on two servers is two cache entries."""
+        return self.base_url.rstrip("/")
+
     def complete(
         self,
         conversations: Sequence[list[dict]],

@@ -1,0 +1,210 @@
+"""Each dvc.yaml stage's code deps are exactly the code it runs: no more, no less.
+
+For every stage, the script named in ``cmd`` is parsed with ``ast`` and its import closure inside
+the ``meteor`` package is followed, counting imports inside functions too (backends are imported
+lazily, and which one runs depends on params) and the ``__init__.py`` of every package on the way
+(Python runs it before any submodule). The test fails when
+
+(a) a module of the closure is not covered by a deps entry (the file, or a directory above it);
+(b) a deps entry under ``src/`` or ``stages/`` covers no module of the closure;
+(c) a directory entry covers a module outside the closure (list the files instead), or a module
+    on the allow-list below (or a package ``__init__.py`` holding only a docstring) is listed.
+
+A changed dependency re-runs the stage, so (b) and (c) keep small edits from re-running stages
+they cannot affect. New stages are held to the same rules.
+"""
+
+from __future__ import annotations
+
+import ast
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+PACKAGE = "meteor"
+
+# Modules in every closure that are deliberately not deps, each with why its content cannot change
+# a stage's outputs. Listing one would re-run the whole DAG on an edit that changes nothing.
+ALLOWED_UNLISTED = {
+    # The params *schema*. The values a stage reads are tracked by its `params:` entries, and
+    # params.yaml spells out every field of every section (tests/test_params.py checks it), so a
+    # changed default in the schema cannot silently change any output.
+    "src/meteor/params.py": "schema only: values tracked by `params:`, all written in params.yaml",
+    # The package marker: a docstring and __version__, which no stage reads
+    # (test_package_init_holds_nothing_a_stage_reads checks both).
+    "src/meteor/__init__.py": "docstring and __version__ only",
+}
+
+
+def docstring_only(path: Path) -> bool:
+    """A file holding nothing but a docstring (a package marker like ``student/__init__.py``)."""
+    body = ast.parse(path.read_text()).body
+    return len(body) <= 1 and all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)
+                                  for n in body)
+
+
+def allowed_unlisted(module: Path) -> str | None:
+    """Why ``module`` may be left out of deps, or None when it must be listed."""
+    if module.as_posix() in ALLOWED_UNLISTED:
+        return ALLOWED_UNLISTED[module.as_posix()]
+    if module.name == "__init__.py" and docstring_only(ROOT / module):
+        return "a package marker holding only a docstring"
+    return None
+
+
+def stages() -> dict[str, dict]:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def script_of(stage: dict) -> Path:
+    scripts = [w for w in shlex.split(stage["cmd"]) if w.endswith(".py")]
+    assert len(scripts) == 1, f"cannot tell the script of cmd {stage['cmd']!r}"
+    return ROOT / scripts[0]
+
+
+def module_file(name: str) -> Path | None:
+    """The file of module ``meteor.x.y`` (``x/y.py`` or ``x/y/__init__.py``), None if none."""
+    base = SRC.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _package_of(path: Path) -> str | None:
+    """Dotted name of the package ``path`` belongs to (for relative imports), None outside src/."""
+    try:
+        rel = path.relative_to(SRC)
+    except ValueError:
+        return None
+    parts = list(rel.with_suffix("").parts)
+    return ".".join(parts[:-1]) if parts[-1] != "__init__" else ".".join(parts[:-1])
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every ``meteor`` module ``path`` imports, anywhere in the file (functions included)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                package = _package_of(path)
+                assert package is not None, f"relative import outside src/ in {path}"
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1])
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module or ""
+            names.add(module)
+            # `from meteor import prompts` imports the submodule meteor.prompts
+            names.update(f"{module}.{alias.name}" for alias in node.names
+                         if module_file(f"{module}.{alias.name}") is not None)
+    return {n for n in names if n == PACKAGE or n.startswith(PACKAGE + ".")}
+
+
+def closure(script: Path) -> set[Path]:
+    """Files of every meteor module reachable from ``script`` (package ``__init__``s included)."""
+    seen: set[str] = set()
+    todo = list(imported_modules(script))
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__
+            mod = ".".join(parts[:i])
+            if mod in seen:
+                continue
+            file = module_file(mod)
+            assert file is not None, f"{script.name} reaches {mod}, which has no file under src/"
+            seen.add(mod)
+            todo.extend(imported_modules(file))
+    return {module_file(m).relative_to(ROOT) for m in seen}
+
+
+def code_deps(stage: dict) -> list[str]:
+    return [d for d in stage.get("deps", []) if d.startswith(("src/", "stages/"))]
+
+
+def covers(entry: str, module: Path) -> bool:
+    return module.as_posix() == entry or module.as_posix().startswith(entry.rstrip("/") + "/")
+
+
+@pytest.mark.parametrize("name", list(stages()))
+def test_code_deps_are_exactly_the_import_closure(name):
+    stage = stages()[name]
+    script = script_of(stage)
+    needed = closure(script) | {script.relative_to(ROOT)}
+    deps = code_deps(stage)
+    problems = []
+    for module in sorted(needed):
+        reason = allowed_unlisted(module)
+        if reason is not None:
+            if module.as_posix() in deps:
+                problems.append(f"{module} is listed but need not be ({reason}): remove it")
+            continue
+        if not any(covers(d, module) for d in deps):
+            problems.append(f"missing dep: {module} (imported by the closure of {script.name})")
+    for entry in deps:
+        path = ROOT / entry
+        if not path.exists():
+            problems.append(f"dep {entry} does not exist")
+            continue
+        covered = [m for m in needed if covers(entry, m)]
+        if not covered:
+            problems.append(f"dep {entry} is code the stage never imports: remove it")
+        if path.is_dir():
+            extra = sorted(p.relative_to(ROOT).as_posix() for p in path.rglob("*.py")
+                           if p.relative_to(ROOT) not in needed
+                           and allowed_unlisted(p.relative_to(ROOT)) is None)
+            if extra:
+                problems.append(f"dep {entry}/ also covers {extra}, which the stage never "
+                                "imports: list the imported files instead")
+    assert not problems, f"stage {name}:\n  " + "\n  ".join(problems)
+
+
+def test_package_init_holds_nothing_a_stage_reads():
+    tree = ast.parse((SRC / PACKAGE / "__init__.py").read_text())
+    body = tree.body
+    assert isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)  # docstring
+    for node in body[1:]:
+        targets = [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        assert isinstance(node, ast.Assign) and targets == ["__version__"], ast.dump(node)
+    for path in [*SRC.rglob("*.py"), *(ROOT / "stages").rglob("*.py")]:
+        assert "__version__" not in path.read_text() or path == SRC / PACKAGE / "__init__.py", path
+
+
+def test_the_closure_follows_lazy_and_package_imports():
+    # distill's teacher backends are imported inside make_teacher; `local` loads a HF model.
+    distill = {p.as_posix() for p in closure(ROOT / "stages" / "distill.py")}
+    assert {"src/meteor/teacher/__init__.py", "src/meteor/teacher/local_backend.py",
+            "src/meteor/student/load.py", "src/meteor/student/generate.py",
+            "src/meteor/student/__init__.py", "src/meteor/teacher/prompts.py"} <= distill
+    # sft reaches the student prompt through training/data.py, but no teacher code.
+    sft = {p.as_posix() for p in closure(ROOT / "stages" / "sft.py")}
+    assert "src/meteor/prompts.py" in sft and "src/meteor/utils.py" in sft
+    assert not any(p.startswith("src/meteor/teacher/") for p in sft)
+
+
+def _reads(params: list, key: str) -> bool:
+    """Whether a `params:` list covers ``key`` (the key itself, or a section above it)."""
+    names = [p if isinstance(p, str) else next(iter(p)) for p in params]
+    return any(key == n or key.startswith(n + ".") for n in names)
+
+
+@pytest.mark.parametrize("name", list(stages()))
+def test_a_stage_reading_an_inheriting_section_lists_its_parent(name):
+    # judge takes every key it does not set from teacher (meteor.params.INHERITS): a stage that
+    # reads the judge must also track the teacher's values, or a change there would not re-run it.
+    from meteor.params import INHERITS
+
+    params = stages()[name].get("params", [])
+    names = [p if isinstance(p, str) else next(iter(p)) for p in params]
+    for child, parent in INHERITS.items():
+        reads_child = any(child == n or child.startswith(n + ".") or n.startswith(child + ".")
+                          for n in names)
+        if reads_child:
+            assert _reads(params, parent), f"stage {name} reads {child}: list {parent} in params"
