@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install repro test bench clean-venv
+.PHONY: install repro repro-smollm test bench clean-venv
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,26 @@ install: $(VENV)/.installed
 
 repro: install
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
+
+# The small-model profile: SmolLM2-135M-Instruct (the packaged GGUF) as the student on a subset of
+# the corpus, offline teacher, as one DVC experiment (README: "A real pretrained student offline").
+SMOLLM_OVERRIDES := \
+	-S student.model=smollm2-135m \
+	-S guideline.limit=24 \
+	-S distill.ablation_size=8 \
+	-S sft.train.max_seq_len=1024 \
+	-S sft.train.batch_size=2 \
+	-S sft.train.grad_accum=4 \
+	-S sft.train.lr=1e-3 \
+	-S refine.limit=16 \
+	-S refine.fine_tune_interval=8 \
+	-S refine.train.max_seq_len=1024 \
+	-S refine.train.batch_size=2 \
+	-S refine.train.grad_accum=4 \
+	-S refine.train.lr=5e-4
+
+repro-smollm: install
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc exp run -n smollm2 $(SMOLLM_OVERRIDES)
 
 test: install
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q

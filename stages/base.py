@@ -2,6 +2,8 @@
 
 * ``student.model: tiny`` (default): train a byte-level BPE tokenizer and pre-train a small
   Llama-architecture model on the *train* split only (data/scraped/train.jsonl), params ``base.*``.
+* a ``.gguf`` file or the short name of a packaged one (``smollm2-135m``; see
+  ``meteor.student.gguf``): dequantise it and save it as safetensors; the revision is its sha256.
 * otherwise ``student.model`` is a hub id or local path: load it (safetensors only,
   ``student.trust_remote_code``) and save it into models/base with its resolved revision.
 
@@ -21,6 +23,7 @@ from pathlib import Path
 from meteor.io import atomic_path, read_jsonl, write_json
 from meteor.params import load_params
 from meteor.student.generate import generate
+from meteor.student.gguf import is_gguf, load_gguf
 from meteor.student.load import load_student, prepare_tokenizer_for_generation, resolve_revision
 from meteor.student.pretrain import pretrain
 from meteor.utils import reproducibility_info, seed_everything, setup_logging
@@ -51,6 +54,11 @@ def main(params_path: str = "params.yaml") -> dict:
         metrics = {"parameters": result.parameters, "tokens_seen": result.tokens_seen,
                    "initial_loss": round(result.loss_history[0], 4),
                    "final_loss": round(result.final_loss, 4), "source": "tiny"}
+    elif is_gguf(student.model):
+        model, tokenizer, source = load_gguf(student.model, revision=student.revision,
+                                             dtype=student.dtype)
+        metrics = {"parameters": sum(p.numel() for p in model.parameters()), "tokens_seen": 0,
+                   "final_loss": None, "revision": source["revision"], "source": student.model}
     else:
         model, tokenizer = load_student(student.model, revision=student.revision, dtype=student.dtype,
                                         trust_remote_code=student.trust_remote_code,

