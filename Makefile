@@ -39,7 +39,20 @@ SMOLLM_OVERRIDES := \
 	-S refine.train.max_seq_len=1024 \
 	-S refine.train.batch_size=2 \
 	-S refine.train.grad_accum=4 \
-	-S refine.train.lr=5e-4
+	-S refine.train.lr=5e-4 \
+	-S self_train.limit=16 \
+	-S self_train.turns=1 \
+	-S self_train.train.max_seq_len=1024 \
+	-S self_train.train.batch_size=2 \
+	-S self_train.train.grad_accum=2 \
+	-S ifd_select.batch_size=4 \
+	-S merge.train.max_steps=4 \
+	-S merge.train.batch_size=2 \
+	-S merge.train.max_seq_len=1024 \
+	-S merge.trials=4 \
+	-S merge.dev_limit=12 \
+	-S merge.train_all=false \
+	-S evaluate.batch_size=8
 
 repro-smollm: install
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc exp run -n smollm2 $(SMOLLM_OVERRIDES)
