@@ -28,6 +28,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from meteor.io import read_jsonl, write_jsonl
 from meteor.params import Params, ParamsError, load_params
 
 pytestmark = pytest.mark.slow
@@ -223,6 +224,17 @@ def run_stage(workdir: Path, stage: str, params: dict, monkeypatch) -> str:
     return f"{digest(workdir, stage)} exit {code}"
 
 
+def _make_some_guidelines_usable(path: Path, n: int = 6) -> None:
+    """The untrained tiny student writes no usable guideline, and then distill's ablation (and so
+    ``distill.ablation_size``) has nothing to act on; give more rows than the ablation samples a
+    numbered guideline, as a real student writes, so distill's params are exercised."""
+    rows = read_jsonl(path)
+    for row in rows[:n]:
+        row.update(guideline="1. Define the terms.\n2. Explain the cause.\n3. Show the fix.",
+                   degenerate=None)
+    write_jsonl(path, rows)
+
+
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory, tiny_model_dir):
     """The tiny pipeline run once: (directory with every stage's outputs, params, digests)."""
@@ -239,6 +251,8 @@ def baseline(tmp_path_factory, tiny_model_dir):
     for stage in STAGES:
         digests[stage] = run_stage(workdir, stage, params, monkeypatch)
         assert not digests[stage].startswith("refused"), f"{stage}: {digests[stage]}"
+        if stage == "guideline":
+            _make_some_guidelines_usable(workdir / "data" / "guidelines.jsonl")
     monkeypatch.undo()
     return workdir, params, digests
 

@@ -54,7 +54,7 @@ TINY_PARAMS = {
     # an almost untrained scorer: keep rows whatever their IFD, so that every chunk has data
     "ifd_select": {"max_ifd": 10.0, "min_answer_tokens": 2},
     "merge": {"trials": 2, "dev_limit": 4, "eval_batch_size": 4,
-              "train": {"max_steps": 1, "batch_size": 4, "max_seq_len": 256,
+              "train": {"max_steps": 1, "batch_size": 4, "max_seq_len": 512,
                         "lora": {"r": 4, "alpha": 8}}},
     "evaluate": {"models": journey_present(), "max_new_tokens": 12, "batch_size": 8,
                  "bootstrap": {"samples": 200}},
