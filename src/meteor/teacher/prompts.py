@@ -68,9 +68,21 @@ CRITERIA_DESCRIPTIONS = {
 }
 
 
+def _criteria_lines(criteria: tuple[str, ...]) -> str:
+    return "\n".join(f"- {c}: {CRITERIA_DESCRIPTIONS.get(c, c)}" for c in criteria)
+
+
+def _judge_conversation(question: dict, instruction: str) -> list[dict]:
+    return [
+        {"role": "system", "content": "You are an impartial, strict expert judge of answers to "
+                                      f"{field_of(question)} questions."},
+        {"role": "user", "content": instruction},
+    ]
+
+
 def score_messages(question: dict, answer: str, criteria: tuple[str, ...] = CRITERIA) -> list[dict]:
     """Judge an answer 1-10 on each criterion with a justification; JSON :class:`Scores` reply."""
-    lines = "\n".join(f"- {c}: {CRITERIA_DESCRIPTIONS.get(c, c)}" for c in criteria)
+    lines = _criteria_lines(criteria)
     entries = ", ".join(f'"{c}": {{"score": <integer 1-10>, "justification": "<one or two '
                         f'sentences>"}}' for c in criteria)
     instruction = (
@@ -82,18 +94,14 @@ def score_messages(question: dict, answer: str, criteria: tuple[str, ...] = CRIT
         "Reply with a single JSON object and nothing else, in this format:\n"
         f'{{"scores": {{{entries}}}}}'
     )
-    return [
-        {"role": "system", "content": "You are an impartial, strict expert judge of answers to "
-                                      f"{field_of(question)} questions."},
-        {"role": "user", "content": instruction},
-    ]
+    return _judge_conversation(question, instruction)
 
 
 def compare_messages(question: dict, answer_a: str, answer_b: str,
                      criteria: tuple[str, ...] = CRITERIA) -> list[dict]:
     """Pairwise judgement of two answers (A shown first) per criterion; JSON :class:`Comparison`
     reply. Callers ask both orders to cancel position bias."""
-    lines = "\n".join(f"- {c}: {CRITERIA_DESCRIPTIONS.get(c, c)}" for c in criteria)
+    lines = _criteria_lines(criteria)
     entries = ", ".join(f'"{c}": {{"winner": "<A, B or tie>", "justification": "<one or two '
                         f'sentences>"}}' for c in criteria)
     instruction = (
@@ -107,11 +115,7 @@ def compare_messages(question: dict, answer_a: str, answer_b: str,
         "Reply with a single JSON object and nothing else, in this format:\n"
         f'{{"preferences": {{{entries}}}}}'
     )
-    return [
-        {"role": "system", "content": "You are an impartial, strict expert judge of answers to "
-                                      f"{field_of(question)} questions."},
-        {"role": "user", "content": instruction},
-    ]
+    return _judge_conversation(question, instruction)
 
 
 # ------------------------------------------------------------------------------- JSON re-ask
