@@ -31,20 +31,22 @@ loss: its scores are NaN, for the selection to drop and count.
 
 Scoring is batched: all sequences of all rows are de-duplicated (the distilled and refined versions
 of a question share their question-alone pass, and everything when the answers are the same),
-sorted by length, padded with an attention mask and
-explicit position ids (so left padding does not shift positions), and the loss is computed in
-float32 on the target tokens only. Only the positions that predict a target token are projected
-to the vocabulary when the model supports ``logits_to_keep``. Scores do not depend on the batch
-size, the padding side or the order of the rows, up to float rounding.
+sorted by length and padded, and the loss is computed in float32 on the target tokens only. Right
+padding (the default) needs no attention mask: under causal attention no real token sees the
+padding after it, so the model keeps its fast unmasked attention kernel. Left padding is masked and
+given explicit position ids (so it does not shift positions). Only the positions that predict a
+target token are projected to the vocabulary (the largest matmul per token of a small model).
+Scores do not depend on the batch size, the padding side or the order of the rows, up to float
+rounding.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -160,14 +162,6 @@ def encode_row(tokenizer, question: dict, answer: str, max_seq_len: int,
 
 
 # ------------------------------------------------------------------------------ batched losses
-def _unwrapped(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def supports_logits_to_keep(model) -> bool:
-    return "logits_to_keep" in inspect.signature(type(_unwrapped(model)).forward).parameters
-
-
 def _batch_tensors(batch: list[tuple[Sequence[int], Sequence[int]]], pad_token_id: int,
                    padding_side: str) -> dict[str, torch.Tensor]:
     width = max(len(p) + len(t) for p, t in batch)
@@ -180,15 +174,48 @@ def _batch_tensors(batch: list[tuple[Sequence[int], Sequence[int]]], pad_token_i
         input_ids[row, start:start + len(ids)] = ids
         labels[row, start + len(prefix):start + len(ids)] = ids[len(prefix):]
         attention_mask[row, start:start + len(ids)] = 1
+    if padding_side == "right":
+        # Causal attention alone keeps every real token from the padding after it; without a
+        # mask the model keeps its unmasked (faster) attention kernel and positions 0, 1, ...
+        return {"input_ids": input_ids, "labels": labels}
     # Positions count real tokens only: with left padding the first real token is position 0.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
             "position_ids": position_ids}
 
 
+@contextmanager
+def projecting_only(model, positions: torch.Tensor) -> Iterator[None]:
+    """Within the block, the model's output projection sees only the hidden states where the
+    boolean ``positions`` (batch, length) is true, and ``logits`` comes back as (1, n, vocab).
+
+    The loss needs the logits of the positions that predict a target token only, and the
+    projection to the vocabulary is the largest matmul per token of a small model. A forward
+    pre-hook on the output embeddings does this for any padding side, and keeps whatever the
+    model does after the projection (e.g. logit soft-capping).
+    """
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError("the scorer has no output embeddings to project with")
+
+    def gather(_module, args):
+        hidden = args[0]
+        if hidden.shape[:2] != positions.shape:
+            raise RuntimeError(f"the output projection got hidden states of shape "
+                               f"{tuple(hidden.shape)}, not (batch, length) = "
+                               f"{tuple(positions.shape)}: this model slices before projecting")
+        return (hidden[positions].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.inference_mode()
 def target_losses(model, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], *,
-                  batch_size: int, pad_token_id: int, padding_side: str = "left",
+                  batch_size: int, pad_token_id: int, padding_side: str = "right",
                   progress: Callable[[int], None] | None = None,
                   stats: dict | None = None) -> list[tuple[float, int]]:
     """``(mean token cross-entropy of the target, target token count)`` of each
@@ -213,32 +240,23 @@ def target_losses(model, sequences: Sequence[tuple[Sequence[int], Sequence[int]]
     if progress is not None:
         progress(sum(n for k, n in multiplicity.items() if not k[1]))
     device = next(model.parameters()).device
-    keep_logits = padding_side == "left" and supports_logits_to_keep(model)
     results: dict[tuple, tuple[float, int]] = {}
     tokens = padded = 0
     for start in range(0, len(unique), batch_size):
         batch = unique[start:start + batch_size]
         tensors = _batch_tensors(batch, pad_token_id, padding_side)
         labels = tensors.pop("labels")
-        kwargs = {k: v.to(device) for k, v in tensors.items()}
-        width = labels.shape[1]
-        if keep_logits:
-            # Left padding aligns every target to the end: project to the vocabulary only the
-            # positions that predict a target token (the last position predicts nothing).
-            n = max(len(t) for _, t in batch)
-            kwargs["logits_to_keep"] = torch.arange(width - 1 - n, width - 1, device=device)
-            logits = model(**kwargs, use_cache=False).logits
-            predicted = labels[:, width - n:].to(device)
-        else:
-            logits = model(**kwargs, use_cache=False).logits[:, :-1]
-            predicted = labels[:, 1:].to(device)
-        scores = logits.float()
-        token_loss = F.cross_entropy(scores.reshape(-1, scores.shape[-1]), predicted.reshape(-1),
-                                     ignore_index=IGNORE_INDEX, reduction="none")
-        token_loss = token_loss.view(predicted.shape)
-        mask = predicted != IGNORE_INDEX
-        sums = (token_loss.double() * mask).sum(-1).tolist()
-        counts = mask.sum(-1).tolist()
+        # Position k predicts token k + 1: keep the positions whose next token is a target.
+        predicts = torch.zeros_like(labels, dtype=torch.bool)
+        predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        targets = labels[:, 1:][predicts[:, :-1]].to(device)
+        with projecting_only(model, predicts.to(device)):
+            logits = model(**{k: v.to(device) for k, v in tensors.items()}, use_cache=False).logits
+        token_loss = F.cross_entropy(logits[0].float(), targets, reduction="none").double()
+        row_of = predicts.nonzero(as_tuple=True)[0].to(device)  # same row-major order
+        sums = torch.zeros(len(batch), dtype=torch.float64, device=device)
+        sums = sums.index_add(0, row_of, token_loss).tolist()
+        counts = predicts.sum(-1).tolist()
         for key, total, n in zip(batch, sums, counts):
             results[key] = (total / n, n)
         if progress is not None:
@@ -303,7 +321,7 @@ def scores_from_losses(encoding: RowEncoding, losses: Sequence[tuple[float, int]
 
 
 def score_rows(model, tokenizer, rows: Sequence[dict], *, max_seq_len: int, batch_size: int,
-               padding_side: str = "left", answer_key: str = "answer",
+               padding_side: str = "right", answer_key: str = "answer",
                progress: Callable[[int], None] | None = None,
                stats: dict | None = None) -> list[RowScores]:
     """IFD, r-IFD and their raw losses for each row (a question record carrying ``answer_key``);
