@@ -1,6 +1,6 @@
 """Stage distill (METEOR 1b): the teacher answers each train question following its guideline.
 
-Reads data/guidelines.jsonl (the first ``distill.limit`` rows when set) and joins each row to its
+Reads data/guidelines.jsonl (``distill.limit`` rows when set, taken in turn from each category) and joins each row to its
 question in data/scraped/train.jsonl by id. The teacher (params ``teacher``: offline by default,
 or an OpenAI-compatible endpoint, or a local HF model) gets field, guideline, title and body; a
 degenerate guideline is replaced by none. Ablation: the first ``distill.ablation_size`` questions

@@ -1,6 +1,7 @@
 """Stage guideline (METEOR 1a): the base student writes a numbered answer guideline per question.
 
-Reads models/base and data/scraped/train.jsonl (the first ``guideline.limit`` questions when set).
+Reads models/base and data/scraped/train.jsonl (``guideline.limit`` questions when set, taken in
+turn from each category).
 The student, prompted as an expert of the question's field, does not answer: it lists what a
 precise answer needs (scope, definitions, steps, pitfalls, resources). Batched, chat-templated
 generation with params ``generation`` (greedy by default) and ``guideline.max_new_tokens``.
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from meteor.guideline import write_guidelines
 from meteor.io import read_jsonl, write_json, write_jsonl
+from meteor.rows import balanced_head
 from meteor.params import load_params
 from meteor.student.load import load_student
 from meteor.utils import seed_everything, setup_logging
@@ -33,7 +35,7 @@ def main() -> dict:
     setup_logging()
     params = load_params()
     seed_everything(params.generation.seed)
-    questions = read_jsonl(TRAIN)[:params.guideline.limit]  # limit None: every question
+    questions = balanced_head(read_jsonl(TRAIN), params.guideline.limit)  # None: every question
     model, tokenizer = load_student(BASE_DIR, dtype=params.student.dtype,
                                     trust_remote_code=params.student.trust_remote_code)
     run = write_guidelines(model, tokenizer, questions, generation=params.generation,

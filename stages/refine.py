@@ -1,8 +1,8 @@
 """Stage refine (METEOR 2): iterative refinement with teacher feedback and in-loop fine-tuning.
 
 Starts from models/sft (the sft adapter on models/base) and reads data/distilled.jsonl joined by id
-with data/scraped/train.jsonl (the reference answer the offline teacher judges against); the first
-``refine.limit`` distilled rows when set; rows with ``ok: false`` are skipped and counted.
+with data/scraped/train.jsonl (the reference answer the offline teacher judges against);
+``refine.limit`` distilled rows when set, taken in turn from each category; rows with ``ok: false`` are skipped and counted.
 For each question the student answers with its reasoning, the teacher (params ``teacher``) returns
 a verdict {correct, feedback, hints}, and a wrong answer is revised given the feedback (the
 teacher's, or with ``refine.feedback: self`` the student's own critique), for at most
@@ -40,6 +40,7 @@ from pathlib import Path
 from dvclive import Live
 
 from meteor.io import atomic_path, read_jsonl, write_json, write_jsonl
+from meteor.rows import balanced_head
 from meteor.params import load_params
 from meteor.refine import NOT_OK, NO_ANSWER, SKIP_REASONS, TEACHER_ERROR, refine, refine_inputs
 from meteor.student.load import load_student
@@ -94,7 +95,7 @@ def main() -> int:
     skipped.update(run.skipped)
     metrics = {
         **run.metrics(refine_params.max_iterations),
-        "rows_in": len(distilled[:refine_params.limit]),
+        "rows_in": len(balanced_head(distilled, refine_params.limit)),
         "rows_skipped": {reason: skipped[reason] for reason in SKIP_REASONS},
         "teacher": {"name": teacher.name, **teacher.stats.as_dict()},
         "target": refine_params.target,

@@ -45,6 +45,7 @@ from accelerate import PartialState
 from dvclive import Live
 
 from meteor.io import atomic_path, read_jsonl, write_json, write_jsonl
+from meteor.rows import balanced_head
 from meteor.params import load_params
 from meteor.self_train import NoUsablePairs, check_adapter_matches, self_train
 from meteor.student.load import load_student
@@ -65,9 +66,10 @@ log = logging.getLogger("self_train")
 
 
 def usable_questions(rows: list[dict], limit: int | None) -> tuple[list[dict], Counter]:
-    """The first ``limit`` train rows that have a title and a body (the prompt needs both)."""
+    """``limit`` train rows (taken in turn from each category) that have a title and a body (the
+    prompt needs both)."""
     questions, skipped = [], Counter()
-    for row in rows[:limit]:
+    for row in balanced_head(rows, limit):
         if all(isinstance(row.get(k), str) and row[k].strip() for k in ("title", "question")):
             questions.append(row)
         else:
@@ -117,7 +119,7 @@ def main() -> int:
     write_json(COMPUTE, run.compute)
     metrics = {
         **run.metrics(),
-        "rows_in": len(rows[:st.limit]),
+        "rows_in": len(balanced_head(rows, st.limit)),
         "rows_skipped": {"no_question": skipped["no_question"]},
         "loss": st.loss,
         "pairing": st.pairing,

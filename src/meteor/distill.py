@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from meteor.rows import join_to_questions
+from meteor.rows import balanced_head, join_to_questions
 from meteor.teacher.base import CRITERIA, Scores, Teacher, TeacherResult
 from meteor.teacher.chat import BUDGET
 
@@ -41,8 +41,9 @@ class DistillInput:
 
 def distill_inputs(guideline_rows: Sequence[dict], train_rows: Sequence[dict],
                    limit: int | None = None) -> list[DistillInput]:
-    """Guideline rows (in their order, the first ``limit``) joined to their train questions by id."""
-    pairs = join_to_questions(list(guideline_rows)[:limit], train_rows, what="guideline",
+    """Guideline rows (in their order; ``limit`` of them taken in turn from each category) joined
+    to their train questions by id."""
+    pairs = join_to_questions(balanced_head(guideline_rows, limit), train_rows, what="guideline",
                               rerun="guideline")
     inputs = []
     for row, question in pairs:

@@ -184,11 +184,13 @@ class TeacherParams(Section):
 # ------------------------------------------------------------------------- guideline / distill
 class GuidelineParams(Section):
     max_new_tokens: int = Field(96, ge=1)
-    limit: int | None = Field(None, ge=1, description="Only the first N train questions (debugging).")
+    limit: int | None = Field(None, ge=1, description="Only N train questions, taken in turn from "
+                              "each category (debugging, small profiles).")
 
 
 class DistillParams(Section):
-    limit: int | None = Field(None, ge=1, description="Only the first N guidelines (debugging).")
+    limit: int | None = Field(None, ge=1, description="Only N guidelines, taken in turn from each "
+                              "category (debugging).")
     ablation_size: int = Field(20, ge=0, description="Questions distilled with and without "
                                "guideline: the first ones whose guideline is not degenerate.")
     max_failed_fraction: float = Field(
@@ -266,7 +268,8 @@ class RefineParams(Section):
                                  "trained on), or train on the teacher's distilled answer. The "
                                  "default keeps in-loop updates happening when the student rarely "
                                  "passes (the tiny student against the offline teacher).")
-    limit: int | None = Field(None, ge=1, description="Only the first N questions (debugging).")
+    limit: int | None = Field(None, ge=1, description="Only N questions, taken in turn from each "
+                              "category (debugging).")
     max_new_tokens: int = Field(
         128, ge=1, description="Per answer, revision or self-critique (generation's default; "
                                "kept at it to pay for the 1024-token training examples).")
@@ -296,8 +299,9 @@ class SelfTrainParams(Section):
     turns: int = Field(2, ge=1, description="Rounds of (regenerate pairs with the current model, "
                                             "train on them); each turn's reference is its start.")
     limit: int | None = Field(
-        48, ge=1, description="Only the first N train questions, each turn (null = all); bounds "
-                              "the time: beam search costs about num_beams greedy decodings.")
+        48, ge=1, description="Only N train questions, taken in turn from each category, each "
+                              "turn (null = all); bounds the time: beam search costs about "
+                              "num_beams greedy decodings.")
     num_beams: int = Field(4, ge=2, description="Beams of the high-compute answer (the paper: 10).")
     max_new_tokens: int = Field(64, ge=1, description="Answer length cap of both decodings.")
     pairing: Literal["compute", "judge"] = Field(
@@ -439,7 +443,8 @@ class MergeParams(Section):
     recommend: Literal["best", "posterior_mean"] = Field(
         "best", description="The merge saved: the best measured trial, or the argmax of the GP "
                             "posterior mean (evaluated once as an extra trial; needs gp).")
-    dev_limit: int | None = Field(None, ge=1, description="Only the first N dev rows.")
+    dev_limit: int | None = Field(None, ge=1, description="Only N dev rows, taken in turn from "
+                                   "each category.")
     eval_batch_size: int = Field(8, ge=1, description="Dev sequences per forward pass (nll).")
 
     @model_validator(mode="after")

@@ -73,7 +73,7 @@ from tqdm.auto import tqdm
 
 from meteor import refine_prompts as prompts
 from meteor.params import GenerationParams, RefineParams
-from meteor.rows import join_to_questions
+from meteor.rows import balanced_head, join_to_questions
 from meteor.student.generate import encode_prompts, generate, generation_kwargs
 from meteor.teacher.base import Teacher, TeacherResult, Verdict
 from meteor.teacher.chat import BUDGET
@@ -102,13 +102,14 @@ class RefineInput:
 
 def refine_inputs(distilled_rows: Sequence[dict], train_rows: Sequence[dict],
                   limit: int | None = None) -> tuple[list[RefineInput], Counter]:
-    """The first ``limit`` distilled rows joined to their train questions by id, in order.
+    """Distilled rows (``limit`` of them taken in turn from each category) joined to their train
+    questions by id, in order.
 
     The train record carries the reference answer the offline teacher judges against. Rows with
     ``ok: false`` (a failed distill call) or without an answer are skipped; returns the inputs and
     the skip counts by reason.
     """
-    pairs = join_to_questions(list(distilled_rows)[:limit], train_rows, what="distilled",
+    pairs = join_to_questions(balanced_head(distilled_rows, limit), train_rows, what="distilled",
                               rerun="distill")
     inputs, skipped = [], Counter()
     for row, question in pairs:

@@ -21,6 +21,7 @@ import torch
 from peft import PeftModel
 
 from meteor.io import read_jsonl
+from meteor.rows import balanced_head
 from meteor.params import Params
 from meteor.paths import cache_root
 from meteor.student.load import directory_hash, load_student
@@ -72,7 +73,7 @@ def run_merge(params: Params, *, base_dir: str | Path, self_train_dir: str | Pat
     start = time.perf_counter()
     cache_dir = Path(cache_dir) if cache_dir is not None else merge_cache_dir()
     chunks, skipped = load_chunks(selected_dir, mp.chunk_by)
-    dev_rows = read_jsonl(dev_path)[:mp.dev_limit]
+    dev_rows = balanced_head(read_jsonl(dev_path), mp.dev_limit)
     if not dev_rows:
         raise ValueError(f"{dev_path}: no dev rows to score merges on")
 
