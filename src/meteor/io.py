@@ -21,15 +21,17 @@ def atomic_path(path: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Pa
     """Yield a temporary path next to ``path``; on success move it into place, else delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # mkdtemp / mkstemp create 0700 / 0600 paths; outputs get the usual permissions instead
+    # (0777 / 0666 minus the umask), so other users and tools can read them.
+    umask = os.umask(0)
+    os.umask(umask)
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        os.chmod(tmp, 0o777 & ~umask)
     else:
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         tmp = Path(name)
-        # mkstemp creates 0600 files; give outputs the usual permissions (0666 minus the umask).
-        umask = os.umask(0)
-        os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
