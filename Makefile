@@ -50,7 +50,7 @@ SMOLLM_OVERRIDES := \
 	-S merge.train.batch_size=2 \
 	-S merge.train.max_seq_len=1024 \
 	-S merge.trials=4 \
-	-S merge.dev_limit=12 \
+	-S merge.dev_limit=8 \
 	-S merge.train_all=false \
 	-S evaluate.batch_size=8
 

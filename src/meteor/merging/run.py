@@ -226,9 +226,10 @@ def recommend(result: SearchResult, policy: str, *, objective_name: str) -> dict
 
 
 def reload_and_compare(run: MergeRun, out_dir: str | Path, base_dir: str | Path, *,
-                       dtype: str, trust_remote_code: bool) -> float:
+                       dtype: str, trust_remote_code: bool) -> tuple[float, float]:
     """Max |logit difference| between the saved adapter (plain ``PeftModel.from_pretrained``
-    on a freshly loaded base) and the in-memory weighted model, on the first dev batch."""
+    on a freshly loaded base) and the in-memory weighted model on the first dev batch, and the
+    max |logit| of the in-memory model there (the scale rounding errors grow with)."""
     if not isinstance(run.objective, AnswerNLL):
         # The judge objective has no token batches; build a small one from the dev answers.
         batch = None
@@ -246,4 +247,4 @@ def reload_and_compare(run: MergeRun, out_dir: str | Path, base_dir: str | Path,
         saved = PeftModel.from_pretrained(fresh.to(device), str(out_dir)).eval()
         got = saved(**inputs).logits.float()
     mask = inputs["attention_mask"].bool()
-    return float((got - expected).abs()[mask].max())
+    return float((got - expected).abs()[mask].max()), float(expected.abs()[mask].max())
