@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import runpy
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -17,6 +14,7 @@ import pytest
 import torch
 import yaml
 from conftest import TINY_TEXTS
+from ddp_harness import run_single_and_ddp
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -608,20 +606,7 @@ def test_dpo_on_two_ddp_processes_equals_one_process_with_accumulation(tiny_mode
     pairs = tmp_path / "pairs.json"
     pairs.write_text(json.dumps([(student_answer_messages(q), f"Step against it {i}. " * (1 + i % 3),
                                   f"Bananas {i}.") for i, q in enumerate(QUESTIONS)]))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    runs = {
-        "single": [sys.executable, str(script), str(tiny_model_dir), str(pairs), "2"],
-        "ddp": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--standalone", str(script), str(tiny_model_dir), str(pairs), "1"],
-    }
-    results = {}
-    for name, cmd in runs.items():
-        out = tmp_path / f"{name}.json"
-        proc = subprocess.run([*cmd, str(out)], env=env, capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[name] = json.loads(out.read_text())
-    assert results["single"]["processes"] == 1 and results["ddp"]["processes"] == 2
+    results = run_single_and_ddp(script, [str(tiny_model_dir), str(pairs)], tmp_path)
     assert len(results["ddp"]["loss"]) == len(results["single"]["loss"]) == 4
     torch.testing.assert_close(torch.tensor(results["ddp"]["loss"]),
                                torch.tensor(results["single"]["loss"]), rtol=1e-5, atol=1e-6)

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import runpy
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from ddp_harness import run_single_and_ddp
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -412,20 +410,7 @@ def test_ddp_on_two_processes_equals_one_process_with_accumulation(tiny_model_di
     script.write_text(DDP_SCRIPT)
     examples = tmp_path / "examples.json"
     examples.write_text(json.dumps([chat(q, a + " " * i) for i, (q, a) in enumerate(QA * 4)]))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    runs = {
-        "single": [sys.executable, str(script), str(tiny_model_dir), str(examples), "2"],
-        "ddp": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--standalone", str(script), str(tiny_model_dir), str(examples), "1"],
-    }
-    results = {}
-    for name, cmd in runs.items():
-        out = tmp_path / f"{name}.json"
-        proc = subprocess.run([*cmd, str(out)], env=env, capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[name] = json.loads(out.read_text())
-    assert results["single"]["processes"] == 1 and results["ddp"]["processes"] == 2
+    results = run_single_and_ddp(script, [str(tiny_model_dir), str(examples)], tmp_path)
     assert len(results["ddp"]["loss"]) == len(results["single"]["loss"]) == 8
     torch.testing.assert_close(torch.tensor(results["ddp"]["loss"]),
                                torch.tensor(results["single"]["loss"]), rtol=1e-5, atol=1e-6)
