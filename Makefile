@@ -28,19 +28,19 @@ repro: install
 # the corpus, offline teacher, as one DVC experiment (README: "A real pretrained student offline").
 SMOLLM_OVERRIDES := \
 	-S student.model=smollm2-135m \
-	-S guideline.limit=24 \
+	-S guideline.limit=20 \
 	-S distill.ablation_size=8 \
 	-S sft.train.max_seq_len=1024 \
 	-S sft.train.batch_size=2 \
 	-S sft.train.grad_accum=4 \
 	-S sft.train.lr=1e-3 \
-	-S refine.limit=16 \
+	-S refine.limit=12 \
 	-S refine.fine_tune_interval=8 \
 	-S refine.train.max_seq_len=1024 \
 	-S refine.train.batch_size=2 \
 	-S refine.train.grad_accum=4 \
 	-S refine.train.lr=5e-4 \
-	-S self_train.limit=16 \
+	-S self_train.limit=12 \
 	-S self_train.turns=1 \
 	-S self_train.train.max_seq_len=1024 \
 	-S self_train.train.batch_size=2 \
@@ -49,9 +49,10 @@ SMOLLM_OVERRIDES := \
 	-S merge.train.max_steps=4 \
 	-S merge.train.batch_size=2 \
 	-S merge.train.max_seq_len=1024 \
-	-S merge.trials=4 \
+	-S merge.trials=3 \
 	-S merge.dev_limit=8 \
 	-S merge.train_all=false \
+	-S evaluate.limit=16 \
 	-S evaluate.batch_size=8
 
 repro-smollm: install

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{model_dir} does not exist: run the stage that writes it first")
     seed_everything(0)  # nothing here samples; this makes the kernels deterministic
 
-    questions, skipped = usable_questions(read_jsonl(TEST))
+    questions, skipped = usable_questions(read_jsonl(TEST), ev.limit)
     if not questions:
         raise SystemExit(f"{TEST} has no usable question (skipped: {dict(skipped)})")
     model, tokenizer = load_student(model_dir, dtype=params.student.dtype,

@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.model not in ev.models:
         parser.error(f"{args.model!r} is not in evaluate.models {ev.models}")
 
-    questions, _ = usable_questions(read_jsonl(TEST))  # evaluate@<model> counted the skipped ones
+    # evaluate@<model> counted the skipped ones
+    questions, _ = usable_questions(read_jsonl(TEST), ev.limit)
     answers = answers_for(questions, read_jsonl(ANSWERS / f"{args.model}.jsonl"), args.model)
     baseline_answers = None
     if args.model != ev.baseline:

@@ -342,6 +342,17 @@ def test_unusable_test_rows_are_skipped_by_reason_and_answers_join_by_id():
         answers_for(kept, [{"id": 0, "answer": "a"}], "m")
 
 
+
+def test_a_limit_takes_usable_questions_in_turn_from_each_category():
+    rows = [{"id": i, "category": c, "title": "t", "question": "q", "answer": "a"}
+            for i, c in enumerate(["ML"] * 4 + ["DL"] * 4 + ["CV"] * 4)]
+    rows[0]["answer"] = ""  # unusable: never counts towards the limit
+    kept, skipped = usable_questions(rows, limit=6)
+    assert [q["id"] for q in kept] == [1, 2, 4, 5, 8, 9]
+    assert skipped == {"no_reference": 1}
+    assert usable_questions(rows, limit=None)[0] == rows[1:]
+
+
 # -------------------------------------------------------------------------------------- params
 def test_evaluate_params_are_validated():
     assert tuple(JUDGE_CRITERIA) == CRITERIA  # params cannot import the teacher; keep in step

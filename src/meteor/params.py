@@ -476,6 +476,8 @@ class EvaluateParams(Section):
                     "evaluate@<model> and judge@<model>).")
     baseline: str = Field("base", description="The model every other one is compared with "
                                               "pairwise (METEOR's 'w/o' row); one of models.")
+    limit: int | None = Field(None, ge=1, description="Only N test questions, taken in turn from "
+                              "each category (small profiles); the same for every model.")
     max_new_tokens: int = Field(128, ge=1, description="The same answer budget for every model.")
     batch_size: int = Field(16, ge=1, description="Questions per generation / perplexity batch.")
     repetition_penalty: float = Field(

@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
+from meteor.rows import balanced_head
+
 SKIP_REASONS = ("no_id", "duplicate_id", "no_question", "no_reference")
 
 
-def usable_questions(rows: Sequence[dict]) -> tuple[list[dict], Counter]:
-    """The usable test rows, in file order, and the others counted by reason.
+def usable_questions(rows: Sequence[dict], limit: int | None = None) -> tuple[list[dict], Counter]:
+    """The usable test rows, in file order (``limit`` of them, taken in turn from each category,
+    when set), and the others counted by reason.
 
     A usable row has an ``id`` seen once, a title and body (what the model is asked) and an
     accepted ``answer`` (the reference of perplexity, ROUGE-L and the offline judge).
@@ -27,7 +30,7 @@ def usable_questions(rows: Sequence[dict]) -> tuple[list[dict], Counter]:
         else:
             kept.append(row)
             seen.add(row["id"])
-    return kept, skipped
+    return balanced_head(kept, limit), skipped
 
 
 def answers_for(questions: Sequence[dict], answer_rows: Sequence[dict], model: str) -> list[str]:
