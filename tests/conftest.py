@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import meteor  # noqa: F401  pins the CPU kernels (meteor.kernels) for the test process and its children
+
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Teacher caches default to a per-user directory (meteor.paths.cache_root); tests never use the

@@ -34,9 +34,6 @@ ALLOWED_UNLISTED = {
     # params.yaml spells out every field of every section (tests/test_params.py checks it), so a
     # changed default in the schema cannot silently change any output.
     "src/meteor/params.py": "schema only: values tracked by `params:`, all written in params.yaml",
-    # The package marker: a docstring and __version__, which no stage reads
-    # (test_package_init_holds_nothing_a_stage_reads checks both).
-    "src/meteor/__init__.py": "docstring and __version__ only",
 }
 
 
@@ -168,13 +165,16 @@ def test_code_deps_are_exactly_the_import_closure(name):
     assert not problems, f"stage {name}:\n  " + "\n  ".join(problems)
 
 
-def test_package_init_holds_nothing_a_stage_reads():
-    tree = ast.parse((SRC / PACKAGE / "__init__.py").read_text())
-    body = tree.body
-    assert isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)  # docstring
-    for node in body[1:]:
-        targets = [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
-        assert isinstance(node, ast.Assign) and targets == ["__version__"], ast.dump(node)
+def test_every_stage_runs_the_kernel_pins():
+    """meteor/__init__.py pins the CPU kernels, so it and meteor/kernels.py are in every closure
+    and every stage's deps: a changed pin changes bits, so it re-runs everything."""
+    for name, stage in stages().items():
+        assert {"src/meteor/__init__.py", "src/meteor/kernels.py"} <= set(code_deps(stage)), name
+        assert {"src/meteor/__init__.py", "src/meteor/kernels.py"} <= {
+            p.as_posix() for p in closure(script_of(stage))}, name
+
+
+def test_nothing_reads_the_package_version():
     for path in [*SRC.rglob("*.py"), *(ROOT / "stages").rglob("*.py")]:
         text = path.read_text()  # nothing reads the package's own version (other libraries' may be)
         assert f"{PACKAGE}.__version__" not in text and "import __version__" not in text, path

@@ -1,5 +1,10 @@
-"""What makes results bitwise: fixed intra-op threads, CPU kernels pinned to AVX2, and the
-record of what remains machine-dependent (meteor.utils)."""
+"""What makes results bitwise on any x86-64 machine: the kernel pins of meteor.kernels, set by
+importing meteor, fixed intra-op threads, and the record of what remains machine-dependent.
+
+The strongest check is a golden value: a few training steps whose weights hash to the same value
+on every x86-64 CPU with the pinned torch (measured on an AMD EPYC with AVX2 only and on an Intel
+Xeon with AVX-512 and AMX). Without the pins the same steps give other bits on both, so removing a
+pin fails the test on any machine, not only on one with AVX-512."""
 
 from __future__ import annotations
 
@@ -12,9 +17,29 @@ from pathlib import Path
 import pytest
 import torch
 
-from meteor.utils import DEFAULT_NUM_THREADS, configure_determinism, reproducibility_info
+from cpu_load import busy_cores
+from meteor.kernels import DEFAULT_NUM_THREADS, X86_PINS, kernel_settings
+from meteor.utils import configure_determinism, reproducibility_info
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+PINNED_TORCH = "2.13.0"  # constraints.txt: the golden value holds for this build
+# sha256 of the weights after GOLDEN_STEPS, with the pins, on any x86-64 CPU (see module docstring).
+GOLDEN_WEIGHTS = "45cb7ed3802f81e3c462592770fa0d1bf64834064be4324dcf48e88180abf8fc"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+x86_avx2 = pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64") or "avx2" not in _cpu_flags(),
+    reason="the pins target x86-64 CPUs with AVX2")
 
 
 def test_reproducibility_info_names_what_determines_the_bits():
@@ -23,6 +48,7 @@ def test_reproducibility_info_names_what_determines_the_bits():
     assert info["intra_op_threads"] == torch.get_num_threads()
     assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert info["blas"]  # e.g. "mkl" or "open", as torch.__config__ reports it
+    assert info["cpu"] and info["kernel_settings"] == kernel_settings()
     assert {"transformers", "peft", "accelerate", "python", "machine", "device"} <= set(info)
 
 
@@ -43,42 +69,98 @@ def test_intra_op_threads_are_fixed_unless_overridden(monkeypatch):
         torch.set_num_threads(before)
 
 
-# A few training steps of a small Llama; prints the CPU kernels used and a hash of the weights.
-TRAIN_STEPS = """
+def _clean_env(**extra: str) -> dict[str, str]:
+    """This environment without any kernel or thread variable (a fresh shell), plus ``extra``."""
+    drop = {*kernel_settings(), "METEOR_PIN_KERNELS"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(PYTHONPATH=f"{SRC}{os.pathsep}{env.get('PYTHONPATH', '')}", **extra)
+    return env
+
+
+def _python(code: str, **extra_env: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], env=_clean_env(**extra_env), check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+PRINT_PINS = "import os, meteor; print(' '.join(k + '=' + str(os.environ.get(k)) for k in NAMES))"
+
+
+def test_importing_meteor_pins_the_environment():
+    names = sorted(X86_PINS)
+    code = PRINT_PINS.replace("NAMES", repr(names))
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert _python(code) == " ".join(f"{k}={X86_PINS[k]}" for k in names)
+    # what the user set wins; METEOR_PIN_KERNELS=0 sets nothing
+    assert "MKL_CBWR=AUTO" in _python(code, MKL_CBWR="AUTO")
+    assert _python(code, METEOR_PIN_KERNELS="0") == " ".join(f"{k}=None" for k in names)
+
+
+# A few training steps of a small attention model in plain torch (no transformers, so that the
+# golden value depends on the pinned kernels and not on a library's modelling code); prints the
+# CPU kernels used and a hash of the weights.
+GOLDEN_STEPS = """
+{before}
 import hashlib, torch
 from meteor.utils import seed_everything
 seed_everything(0)
-from transformers import LlamaConfig, LlamaForCausalLM
-config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
-model = LlamaForCausalLM(config)
-optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-ids = torch.randint(0, 512, (4, 128))
-for _ in range(3):
-    model(input_ids=ids, labels=ids).loss.backward()
+V, D, T = 256, 96, 64
+emb, qkv, out = torch.nn.Embedding(V, D), torch.nn.Linear(D, 3 * D), torch.nn.Linear(D, D)
+mlp = torch.nn.Sequential(torch.nn.Linear(D, 4 * D), torch.nn.SiLU(), torch.nn.Linear(4 * D, D))
+norm, head = torch.nn.LayerNorm(D), torch.nn.Linear(D, V)
+params = [p for m in (emb, qkv, out, mlp, norm, head) for p in m.parameters()]
+optimizer = torch.optim.AdamW(params, lr=1e-3)
+ids = torch.randint(0, V, (8, T + 1))
+for _ in range(4):
+    x = emb(ids[:, :-1])
+    q, k, v = (t.unflatten(-1, (4, D // 4)).transpose(1, 2) for t in qkv(norm(x)).chunk(3, -1))
+    att = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # as Llama
+    x = x + out(att.transpose(1, 2).flatten(2))
+    x = x + mlp(norm(x))
+    loss = torch.nn.functional.cross_entropy(head(norm(x)).flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
     optimizer.step()
     optimizer.zero_grad()
-weights = b"".join(p.detach().numpy().tobytes() for p in model.parameters())
+weights = b"".join(p.detach().numpy().tobytes() for p in params)
 print(torch.backends.cpu.get_cpu_capability(), hashlib.sha256(weights).hexdigest())
 """
 
 
-def _run(extra_env: dict[str, str]) -> tuple[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")}
-    env.update(PYTHONPATH=f"{SRC}{os.pathsep}{env.get('PYTHONPATH', '')}", **extra_env)
-    out = subprocess.run([sys.executable, "-c", TRAIN_STEPS], env=env, check=True,
-                         capture_output=True, text=True).stdout.split()
-    return out[-2], out[-1]
+def _golden_run(before: str = "", **extra_env: str) -> tuple[str, str]:
+    capability, digest = _python(GOLDEN_STEPS.format(before=before), **extra_env).split()[-2:]
+    return capability, digest
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 only")
-def test_an_avx512_machine_gives_the_bits_of_an_avx2_machine():
-    """On a CPU with AVX-512, PyTorch would pick wider kernels that round differently from an
-    AVX2-only CPU's; pinned, both give the same weights. The AVX2-only machine is emulated by
-    limiting PyTorch's and MKL's instruction sets."""
-    capability, ours = _run({})
-    assert capability == "AVX2"
-    emulated = _run({"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"})
-    assert emulated == ("AVX2", ours)
+@x86_avx2
+def test_pinned_steps_give_the_golden_bits_on_any_x86_machine():
+    """The same weights as on the reference machines, an AVX2-only AMD and an AVX-512+AMX Intel."""
+    if not torch.__version__.startswith(PINNED_TORCH):
+        pytest.skip(f"the golden value is for torch {PINNED_TORCH} (constraints.txt)")
+    assert _golden_run() == ("AVX2", GOLDEN_WEIGHTS)
+
+
+@pytest.mark.slow
+@x86_avx2
+def test_the_pins_decide_the_bits():
+    """The control for the golden test: the machine's own kernels give other bits. If a pin does
+    nothing (or is removed), this fails on every machine, AVX2-only ones included."""
+    pinned = _golden_run()
+    assert _golden_run(METEOR_PIN_KERNELS="0")[1] != pinned[1]
+
+
+@pytest.mark.slow
+@x86_avx2
+def test_narrower_cpus_import_order_and_load_give_the_same_bits():
+    """One pinned result, whatever the machine and the entry point: an AVX2-only CPU (emulated by
+    limiting PyTorch's, MKL's and oneDNN's instruction sets before the process starts), torch
+    imported before meteor (the pins are read at the first operation, not at import), and every
+    core busy with other work (no thread count or code path may depend on load)."""
+    pinned = _golden_run()
+    assert pinned[0] == "AVX2"
+    avx2_only = _golden_run(ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2",
+                            ONEDNN_MAX_CPU_ISA="AVX2")
+    assert avx2_only == pinned
+    assert _golden_run(before="import torch; import meteor") == pinned
+
+    with busy_cores():
+        assert _golden_run() == pinned

@@ -2,10 +2,9 @@
 
 Bitwise results depend on more than the seed. Within one machine, seeding, deterministic
 algorithms and a fixed intra-op thread count make two runs identical. Across machines, the
-floating-point order of the CPU kernels also matters: PyTorch picks vectorised kernels for the
-widest instruction set the CPU has (AVX2 or AVX-512 on x86-64), and they round differently, so by
-default we pin the kernels to AVX2 (``ATEN_CPU_CAPABILITY``), which every x86-64 CPU of the last
-decade has. What remains machine-dependent is recorded by :func:`reproducibility_info`.
+floating-point order of the CPU kernels also matters; :mod:`meteor.kernels` pins it (PyTorch's,
+MKL's and oneDNN's code paths, threads) before any tensor work, and :func:`reproducibility_info`
+records what remains machine-dependent.
 """
 
 from __future__ import annotations
@@ -15,6 +14,8 @@ import os
 import platform
 import random
 import re
+
+from meteor import kernels
 
 
 def setup_logging(level: str | int = "INFO") -> None:
@@ -28,49 +29,66 @@ def setup_logging(level: str | int = "INFO") -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-# The intra-op thread count is fixed rather than "one per core", so machines with different core
-# counts run the same kernels' splits; 2 is the reference machine's count. METEOR_NUM_THREADS
-# (0 = PyTorch's default) or OMP_NUM_THREADS override it, and metrics record what was used.
-DEFAULT_NUM_THREADS = 2
-# x86-64 CPU kernels pinned to AVX2 (ATEN_CPU_CAPABILITY set beforehand overrides, e.g. "default").
-DEFAULT_CPU_CAPABILITY = "avx2"
 _warned_capability = False
 
 
-def _thread_count() -> int:
-    for var in ("METEOR_NUM_THREADS", "OMP_NUM_THREADS"):
-        match = re.match(r"\s*(\d+)", os.environ.get(var, ""))
-        if match:
-            return int(match.group(1))
-    return DEFAULT_NUM_THREADS
+def _mkl_fixed_threads() -> None:
+    """Turn off MKL's dynamic thread count through its API (``MKL_DYNAMIC`` is read only when MKL
+    loads, which may have happened before meteor was imported). MKL is linked into libtorch_cpu;
+    builds without it have nothing to turn off."""
+    import ctypes
+
+    import torch
+
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    try:
+        ctypes.CDLL(lib).MKL_Set_Dynamic(ctypes.c_int(0))
+    except (OSError, AttributeError):
+        pass
 
 
 def configure_determinism() -> None:
-    """Fix what makes kernels round differently between runs and machines: the intra-op thread
-    count, the x86-64 CPU kernel set (AVX2) and cuBLAS's workspace (needed by deterministic
-    algorithms on GPU). The kernel set is read at PyTorch's first operation, so this must run
-    before any tensor work; otherwise a warning says the machine's own kernels are used."""
+    """Fix what makes kernels round differently between runs and machines (meteor.kernels): the
+    intra-op thread count, MKL's dynamic threads, the x86-64 kernel set (checked: it is read at
+    PyTorch's first operation, so a stage that ran one before importing meteor gets a warning)
+    and cuBLAS's workspace (needed by deterministic algorithms on GPU)."""
     import torch  # here, not at the top: stages that only log (judge, report) skip torch
 
     global _warned_capability
-    threads = _thread_count()
+    kernels.pin_environment()  # already done by `import meteor`; a no-op unless a var was unset
+    threads = kernels.thread_count()
     if threads > 0:
         torch.set_num_threads(threads)
+    if kernels.pins_enabled():
+        _mkl_fixed_threads()
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        wanted = os.environ.setdefault("ATEN_CPU_CAPABILITY", DEFAULT_CPU_CAPABILITY)
-        used = torch.backends.cpu.get_cpu_capability()
-        if wanted.lower() != "default" and used.lower() != wanted.lower() and not _warned_capability:
-            _warned_capability = True
-            logging.getLogger(__name__).warning(
-                "CPU kernels are %s, not ATEN_CPU_CAPABILITY=%s (PyTorch had already run an "
-                "operation, or the CPU lacks it): results may differ from other machines'",
-                used, wanted)
+    wanted = os.environ.get("ATEN_CPU_CAPABILITY", "default")
+    used = torch.backends.cpu.get_cpu_capability()
+    if (kernels.is_x86_64() and wanted.lower() != "default" and used.lower() != wanted.lower()
+            and not _warned_capability):
+        _warned_capability = True
+        logging.getLogger(__name__).warning(
+            "CPU kernels are %s, not ATEN_CPU_CAPABILITY=%s (PyTorch had already run an "
+            "operation, or the CPU lacks it): results may differ from other machines'",
+            used, wanted)
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux), else what ``platform`` knows: which machine made the run."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def reproducibility_info() -> dict:
     """What determines bitwise results besides code, data, params and seed: library versions,
-    intra-op threads, the CPU kernel set and BLAS PyTorch uses, and the GPU when there is one.
+    intra-op threads, the CPU and the kernel settings in force, the BLAS PyTorch uses, and the GPU
+    when there is one.
     Stages that train write it into their metrics, so ``dvc metrics diff`` shows when two runs
     are not comparable bit for bit."""
     import accelerate
@@ -81,6 +99,7 @@ def reproducibility_info() -> dict:
     config = torch.__config__.show()
     blas = re.search(r"BLAS_INFO=([^,\s]+)", config)
     info = {
+        "cpu": _cpu_model(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
@@ -90,6 +109,7 @@ def reproducibility_info() -> dict:
         "intra_op_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "blas": blas.group(1) if blas else None,
+        "kernel_settings": kernels.kernel_settings(),
         "device": "cpu",
     }
     if torch.cuda.is_available():
