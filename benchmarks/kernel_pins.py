@@ -91,8 +91,8 @@ def main() -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"{args.repeats} runs per variant, base.steps={args.steps}, guideline.limit={args.limit}, "
-          f"{os.cpu_count()} CPUs")
+    print(f"{args.repeats} runs per variant, base.steps={args.steps}, "
+          f"guideline.limit={args.limit}, {os.cpu_count()} CPUs")
     for stage in ("base", "guideline"):
         unpinned = min(seconds["unpinned", stage])
         for variant in variants:

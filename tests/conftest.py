@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import meteor  # noqa: F401  pins the CPU kernels (meteor.kernels) for the test process and its children
+import meteor  # noqa: F401  pins the CPU kernels (meteor.kernels) for tests and their children
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
