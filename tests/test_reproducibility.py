@@ -2,9 +2,9 @@
 importing meteor, fixed intra-op threads, and the record of what remains machine-dependent.
 
 The strongest check is a golden value: a few training steps whose weights hash to the same value
-on every x86-64 CPU with the pinned torch (measured on an AMD EPYC with AVX2 only and on an Intel
-Xeon with AVX-512 and AMX). Without the pins the same steps give other bits on both, so removing a
-pin fails the test on any machine, not only on one with AVX-512."""
+on every x86-64 CPU (measured: an AMD EPYC with AVX2 only, torch 2.13, and an Intel Xeon with
+AVX-512 and AMX, torch 2.11, gave this value). Without the pins the same steps give other bits on
+both, so removing a pin fails the test on any machine, not only on one with AVX-512."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from meteor.utils import configure_determinism, reproducibility_info
 SRC = Path(__file__).resolve().parents[1] / "src"
 PINNED_TORCH = "2.13.0"  # constraints.txt: the golden value holds for this build
 # sha256 of the weights after GOLDEN_STEPS, with the pins, on any x86-64 CPU (see module docstring).
-GOLDEN_WEIGHTS = "45cb7ed3802f81e3c462592770fa0d1bf64834064be4324dcf48e88180abf8fc"
+GOLDEN_WEIGHTS = "2f3072c525fc42ee4d719ffecc90bd3adf0515eec4ac259f2f991b017c4c6f32"
 
 
 def _cpu_flags() -> set[str]:
@@ -101,6 +101,7 @@ def test_importing_meteor_pins_the_environment():
 GOLDEN_STEPS = """
 {before}
 import hashlib, torch
+from meteor.kernels import adamw
 from meteor.utils import seed_everything
 seed_everything(0)
 V, D, T = 256, 96, 64
@@ -108,7 +109,7 @@ emb, qkv, out = torch.nn.Embedding(V, D), torch.nn.Linear(D, 3 * D), torch.nn.Li
 mlp = torch.nn.Sequential(torch.nn.Linear(D, 4 * D), torch.nn.SiLU(), torch.nn.Linear(4 * D, D))
 norm, head = torch.nn.LayerNorm(D), torch.nn.Linear(D, V)
 params = [p for m in (emb, qkv, out, mlp, norm, head) for p in m.parameters()]
-optimizer = torch.optim.AdamW(params, lr=1e-3)
+optimizer = adamw(params, lr=1e-3)  # the pipeline's optimizer
 ids = torch.randint(0, V, (8, T + 1))
 for _ in range(4):
     x = emb(ids[:, :-1])

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+from meteor.kernels import adamw
 from meteor.params import BaseParams
 from meteor.student.tiny import build_tiny_model, tiny_llama_config, train_tokenizer
 from meteor.utils import seed_everything
@@ -119,7 +120,7 @@ def _optimizer(model: torch.nn.Module, params: BaseParams) -> torch.optim.AdamW:
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": params.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=params.lr, betas=(0.9, 0.95), eps=1e-8)
+    return adamw(groups, lr=params.lr, betas=(0.9, 0.95), eps=1e-8)  # fused: same bits on any CPU
 
 
 def build_student(rows: Sequence[dict[str, Any]], params: BaseParams) -> tuple[LlamaForCausalLM,

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from meteor.kernels import adamw
 from meteor.params import TrainParams
 from meteor.training.data import (IGNORE_INDEX, ChatExample, EncodedData, PadCollator,
                                   encode_examples, make_batch_sampler)
@@ -158,7 +159,7 @@ def _optimizer(model, params: TrainParams) -> torch.optim.Optimizer:
         {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": params.weight_decay},
         {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=params.lr)
+    return adamw([g for g in groups if g["params"]], lr=params.lr)  # fused: same bits on any CPU
 
 
 def _configure_deepspeed(accelerator: Accelerator, params: TrainParams) -> None:
