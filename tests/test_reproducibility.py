@@ -8,6 +8,7 @@ both, so removing a pin fails the test on any machine, not only on one with AVX-
 
 from __future__ import annotations
 
+import ast
 import os
 import platform
 import subprocess
@@ -165,3 +166,29 @@ def test_narrower_cpus_import_order_and_load_give_the_same_bits():
 
     with busy_cores():
         assert _golden_run() == pinned
+
+
+TENSOR_LIBRARIES = ("torch", "transformers", "peft", "accelerate")
+ENTRY_POINTS = sorted(p for d in ("stages", "benchmarks", "scripts")
+                      for p in (SRC.parent / d).glob("*.py"))
+
+
+def _imports(tree) -> list[str]:
+    names = []
+    for node in tree:
+        if isinstance(node, ast.Import):
+            names += [a.name.split(".")[0] for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.append(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("script", ENTRY_POINTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_entry_point_imports_meteor_before_running_anything(script):
+    """The pins are set when meteor is imported. meteor's own tensor code runs after that import by
+    construction; a script that also uses a tensor library directly imports meteor at module
+    level, so the pins are in place before its first line of work runs."""
+    module = ast.parse(script.read_text())
+    if not any(name in TENSOR_LIBRARIES for name in _imports(ast.walk(module))):
+        return  # tensors only through meteor (or none: e.g. it runs stages as subprocesses)
+    assert "meteor" in _imports(module.body), f"{script}: import meteor at module level"
