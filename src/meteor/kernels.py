@@ -14,6 +14,8 @@ x86-64 that order depends on the machine unless it is pinned:
 * Threads: the split of a reduction between threads changes its order, so the intra-op thread
   count is fixed (:data:`DEFAULT_NUM_THREADS`, not one per core) and MKL may not lower it on its
   own (``MKL_DYNAMIC=FALSE``).
+* MKL's vector math (``torch.sqrt`` on CPU) follows none of these variables; the optimiser is the
+  one place the pipeline used it, so every optimiser is :func:`adamw` (the fused kernel).
 
 The mechanism: ``meteor/__init__.py`` calls :func:`pin_environment`, so importing any ``meteor``
 module sets these variables, and every entry point (stage scripts, benchmarks, tests, each process
