@@ -18,7 +18,7 @@ import logging
 import time
 from pathlib import Path
 
-from meteor.params import BaseParams
+from meteor.student.pretrain import BaseParams
 from meteor.student.generate import generate
 from meteor.student.load import load_student
 from meteor.student.tiny import build_tiny_model, tiny_llama_config, train_tokenizer

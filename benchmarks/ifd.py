@@ -33,7 +33,7 @@ import torch
 
 from meteor.ifd import PASSES, encode_row, minimal_prefix_ids, score_rows
 from meteor.io import read_jsonl
-from meteor.params import BaseParams
+from meteor.student.pretrain import BaseParams
 from meteor.student.load import load_student
 from meteor.student.tiny import build_tiny_model, tiny_llama_config, train_tokenizer
 

@@ -32,7 +32,8 @@ from peft.tuners.lora import LoraLayer
 from meteor.io import read_jsonl
 from meteor.merging.deltas import DeltaModel
 from meteor.merging.objective import AnswerNLL
-from meteor.params import BaseParams, LoraParams
+from meteor.student.pretrain import BaseParams
+from meteor.training.config import LoraParams
 from meteor.student.load import load_student
 from meteor.utils import setup_logging
 
@@ -53,7 +54,7 @@ def student(tmp: Path):
         base, tok = load_student("models/base")
         return base, tok, Path("models/self_train")
     from meteor.student.tiny import build_tiny_model, tiny_llama_config, train_tokenizer
-    from meteor.training import make_trainable, save_trained
+    from meteor.training.lora import make_trainable, save_trained
 
     params = BaseParams()
     texts = ["Gradient descent lowers the loss step by step.",

@@ -96,7 +96,7 @@ def child(path: str, workers: int) -> None:
     """Runs in the subprocess: parse one dump and report time, counts and peak RSS as JSON."""
     import resource
 
-    from meteor.params import ScrapeParams
+    from meteor.scrape.config import ScrapeParams
     from meteor.scrape import records
     from meteor.scrape.dump import resolve_workers, scrape_dump
 

@@ -28,7 +28,7 @@ TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
 from fake_openai_server import FakeOpenAIServer, Faults, make_questions  # noqa: E402
 
-from meteor.params import TeacherParams  # noqa: E402
+from meteor.teacher.config import TeacherParams  # noqa: E402
 from meteor.teacher import make_teacher  # noqa: E402
 from meteor.utils import setup_logging  # noqa: E402
 

@@ -26,9 +26,11 @@ import time
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from meteor.params import TrainParams
+from meteor.training.config import TrainParams
 from meteor.student.tiny import build_tiny_model, tiny_llama_config, train_tokenizer
-from meteor.training import encode_examples, make_trainable, train
+from meteor.training.data import encode_examples
+from meteor.training.loop import train
+from meteor.training.lora import make_trainable
 from meteor.training.data import make_batch_sampler
 from meteor.utils import setup_logging
 

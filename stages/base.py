@@ -16,17 +16,15 @@ Run alone:  python stages/base.py        (or: dvc repro base)
 from __future__ import annotations
 
 import json
-import logging
-import time
 from pathlib import Path
 
 from meteor.io import atomic_path, read_jsonl, write_json
-from meteor.params import load_params
+from meteor.runtime import Stage
+from meteor.student.config import StudentParams
 from meteor.student.generate import generate
 from meteor.student.gguf import is_gguf, load_gguf
 from meteor.student.load import load_student, prepare_tokenizer_for_generation, resolve_revision
-from meteor.student.pretrain import pretrain
-from meteor.utils import reproducibility_info, seed_everything, setup_logging
+from meteor.student.pretrain import BaseParams, pretrain
 
 TRAIN = Path("data/scraped/train.jsonl")
 OUT = Path("models/base")
@@ -39,15 +37,11 @@ SAMPLE_PROMPTS = [
     "Why does my PyTorch training loss become NaN?",
 ]
 
-log = logging.getLogger("stages.base")
-
 
 def main(params_path: str = "params.yaml") -> dict:
-    setup_logging()
-    params = load_params(params_path)
-    student, base = params.student, params.base
-    seed_everything(base.seed)  # before any tensor work: fixes threads and CPU kernels too
-    start = time.perf_counter()
+    stage = Stage("base", params_path=params_path, student=StudentParams, base=BaseParams)
+    student, base = stage.params.student, stage.params.base
+    stage.seed(base.seed)  # before any tensor work: fixes threads and CPU kernels too
     if student.model == "tiny":
         result = pretrain(read_jsonl(TRAIN), base)  # the train split only: dev/test stay unseen
         model, tokenizer = result.model, result.tokenizer
@@ -73,18 +67,18 @@ def main(params_path: str = "params.yaml") -> dict:
         tokenizer.save_pretrained(tmp)
         if student.model != "tiny":
             (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2, sort_keys=True) + "\n")
-    metrics["seconds"] = round(time.perf_counter() - start, 1)
+    metrics["seconds"] = stage.seconds()
     if student.model == "tiny":
         metrics["revision"] = resolve_revision(OUT)["revision"]  # content hash of what was trained
 
     replies = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in SAMPLE_PROMPTS],
                        max_new_tokens=64, batch_size=len(SAMPLE_PROMPTS), progress=False)
     for prompt, reply in zip(SAMPLE_PROMPTS, replies):
-        log.info("sample | %s\n%s", prompt, reply)
+        stage.log.info("sample | %s\n%s", prompt, reply)
     write_json(SAMPLES, [{"prompt": p, "reply": r} for p, r in zip(SAMPLE_PROMPTS, replies)])
-    metrics["reproducibility"] = reproducibility_info()
+    metrics["reproducibility"] = stage.reproducibility()
     write_json(METRICS, metrics)
-    log.info("base: %s", metrics)
+    stage.log.info("base: %s", metrics)
     return metrics
 
 

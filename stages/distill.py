@@ -23,41 +23,39 @@ API key:    OPENAI_API_KEY from the environment only (backend openai); never wri
 
 from __future__ import annotations
 
-import logging
 import sys
-import time
 from pathlib import Path
 
-from meteor.distill import distill_inputs, distill_metrics, distill_rows, guideline_ablation
+from meteor.distill import (DistillParams, distill_inputs, distill_metrics, distill_rows,
+                            guideline_ablation)
 from meteor.io import read_jsonl, write_json, write_jsonl
-from meteor.params import load_params
+from meteor.runtime import Stage
 from meteor.teacher import make_teacher
-from meteor.utils import setup_logging
+from meteor.teacher.config import TeacherParams
 
 GUIDELINES = Path("data/guidelines.jsonl")
 TRAIN = Path("data/scraped/train.jsonl")
 OUT = Path("data/distilled.jsonl")
 METRICS = Path("metrics/distill.json")
-EXIT_INCOMPLETE = 3
-log = logging.getLogger("distill")
 
 
 def main() -> int:
-    setup_logging()
-    start = time.perf_counter()
-    params = load_params()
-    inputs = distill_inputs(read_jsonl(GUIDELINES), read_jsonl(TRAIN), limit=params.distill.limit)
-    teacher = make_teacher(params.teacher, stage="distill")
+    stage = Stage("distill", distill=DistillParams, teacher=TeacherParams, judge=TeacherParams)
+    p = stage.params
+    max_failed = p.distill.max_failed_fraction
+    inputs = distill_inputs(read_jsonl(GUIDELINES), read_jsonl(TRAIN), limit=p.distill.limit)
+    teacher = make_teacher(p.teacher, stage="distill")
     try:
-        judge = make_teacher(params.judge, section="judge", stage="distill")
+        judge = make_teacher(p.judge, section="judge", stage="distill")
         try:
             rows = distill_rows(teacher, inputs)
-            ablation = guideline_ablation(teacher, judge, inputs, rows, params.distill.ablation_size)
-            metrics = distill_metrics(rows, ablation, teacher, judge, time.perf_counter() - start)
-            metrics["max_failed_fraction"] = params.distill.max_failed_fraction
-            problems = incomplete(metrics, params.distill.max_failed_fraction)
-            metrics["complete"] = not problems
-            if not problems:  # a cumulative budget starts afresh for the next run
+            ablation = guideline_ablation(teacher, judge, inputs, rows, p.distill.ablation_size)
+            metrics = distill_metrics(rows, ablation, teacher, judge, stage.seconds())
+            metrics["max_failed_fraction"] = max_failed
+            for problem in incomplete(metrics, max_failed):
+                stage.incomplete(problem)
+            metrics["complete"] = stage.complete
+            if stage.complete:  # a cumulative budget starts afresh for the next run
                 teacher.stage_completed()
                 judge.stage_completed()
         finally:
@@ -68,15 +66,10 @@ def main() -> int:
     write_jsonl(OUT, rows)
     write_json(METRICS, metrics)
     quality = metrics["quality"]
-    log.info("%d rows (%d failed) -> %s; judge quality with guideline %s vs without %s (n=%d)",
-             metrics["rows"], metrics["failed"], OUT, quality["with_guideline"],
-             quality["without_guideline"], quality["n"])
-    if problems:
-        log.error("incomplete: %s. Outputs and metrics are written; re-run (after raising the "
-                  "budget or fixing the endpoint): finished calls come from the cache.",
-                  "; ".join(problems))
-        return EXIT_INCOMPLETE
-    return 0
+    stage.log.info("%d rows (%d failed) -> %s; judge quality with guideline %s vs without %s "
+                   "(n=%d)", metrics["rows"], metrics["failed"], OUT, quality["with_guideline"],
+                   quality["without_guideline"], quality["n"])
+    return stage.finish()
 
 
 def incomplete(metrics: dict, max_failed_fraction: float) -> list[str]:

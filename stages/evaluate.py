@@ -17,49 +17,44 @@ Run alone:  python stages/evaluate.py sft        (or: dvc repro evaluate@sft)
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from meteor.evaluation.answers import (answer_questions, answer_rows, for_inference,
                                       reference_nll)
+from meteor.evaluation.config import EvaluateParams
 from meteor.evaluation.questions import SKIP_REASONS, usable_questions
 from meteor.io import read_jsonl, write_json, write_jsonl
-from meteor.params import load_params
-from meteor.student.load import load_student, resolve_revision
-from meteor.utils import seed_everything, setup_logging
+from meteor.runtime import Stage
+from meteor.student.config import StudentParams
+from meteor.student.load import default_device, load_student, resolve_revision
 
 MODELS = Path("models")
 TEST = Path("data/scraped/test.jsonl")
 ANSWERS = Path("eval/answers")
 METRICS = Path("metrics/evaluate")
-log = logging.getLogger("evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a name under models/ listed in evaluate.models")
     args = parser.parse_args(argv)
-    setup_logging()
-    start = time.perf_counter()
-    params = load_params()
-    ev = params.evaluate
+    stage = Stage("evaluate", evaluate=EvaluateParams, student=StudentParams)
+    ev, student = stage.params.evaluate, stage.params.student
     if args.model not in ev.models:
         parser.error(f"{args.model!r} is not in evaluate.models {ev.models}")
     model_dir = MODELS / args.model
     if not model_dir.is_dir():
         parser.error(f"{model_dir} does not exist: run the stage that writes it first")
-    seed_everything(0)  # nothing here samples; this makes the kernels deterministic
+    stage.seed(0)  # nothing here samples; this makes the kernels deterministic
 
     questions, skipped = usable_questions(read_jsonl(TEST), ev.limit)
     if not questions:
         raise SystemExit(f"{TEST} has no usable question (skipped: {dict(skipped)})")
-    model, tokenizer = load_student(model_dir, dtype=params.student.dtype,
-                                    trust_remote_code=params.student.trust_remote_code)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_student(model_dir, dtype=student.dtype,
+                                    trust_remote_code=student.trust_remote_code)
+    device = default_device()
     model = for_inference(model, device)
 
     t0 = time.perf_counter()
@@ -77,15 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         "questions": len(questions),
         "rows_skipped": {reason: skipped[reason] for reason in SKIP_REASONS},
         "tokens_generated": sum(g.tokens for g in generations),
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": stage.seconds(),
         "seconds_generate": round(t1 - t0, 1),
         "seconds_perplexity": round(t2 - t1, 1),
     })
-    log.info("%s answered %d test questions on %s (%d tokens, %.1f s generation, %.1f s "
+    stage.log.info("%s answered %d test questions on %s (%d tokens, %.1f s generation, %.1f s "
              "perplexity) -> %s", args.model, len(questions), device.type,
              sum(g.tokens for g in generations), t1 - t0, t2 - t1, ANSWERS / f"{args.model}.jsonl")
     if sum(skipped.values()):
-        log.warning("skipped test rows: %s", dict(skipped))
+        stage.log.warning("skipped test rows: %s", dict(skipped))
     return 0
 
 

@@ -14,36 +14,37 @@ Run alone:  python stages/guideline.py        (or: dvc repro guideline)
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-from meteor.guideline import write_guidelines
+from meteor.guideline import GuidelineParams, write_guidelines
 from meteor.io import read_jsonl, write_json, write_jsonl
 from meteor.rows import balanced_head
-from meteor.params import load_params
+from meteor.runtime import Stage
+from meteor.student.config import StudentParams
+from meteor.student.generate import GenerationParams
 from meteor.student.load import load_student
-from meteor.utils import seed_everything, setup_logging
 
 BASE_DIR = Path("models/base")
 TRAIN = Path("data/scraped/train.jsonl")
 OUT = Path("data/guidelines.jsonl")
 METRICS = Path("metrics/guideline.json")
-log = logging.getLogger("guideline")
 
 
 def main() -> dict:
-    setup_logging()
-    params = load_params()
-    seed_everything(params.generation.seed)
-    questions = balanced_head(read_jsonl(TRAIN), params.guideline.limit)  # None: every question
-    model, tokenizer = load_student(BASE_DIR, dtype=params.student.dtype,
-                                    trust_remote_code=params.student.trust_remote_code)
-    run = write_guidelines(model, tokenizer, questions, generation=params.generation,
-                           max_new_tokens=params.guideline.max_new_tokens)
+    stage = Stage("guideline", guideline=GuidelineParams, generation=GenerationParams,
+                  student=StudentParams)
+    p = stage.params
+    stage.seed(p.generation.seed)
+
+    questions = balanced_head(read_jsonl(TRAIN), p.guideline.limit)  # None: every question
+    model, tokenizer = load_student(BASE_DIR, dtype=p.student.dtype,
+                                    trust_remote_code=p.student.trust_remote_code)
+    run = write_guidelines(model, tokenizer, questions, generation=p.generation,
+                           max_new_tokens=p.guideline.max_new_tokens)
     write_jsonl(OUT, run.rows)
-    metrics = run.metrics(params.guideline.max_new_tokens)
+    metrics = run.metrics(p.guideline.max_new_tokens)
     write_json(METRICS, metrics)
-    log.info("%d guidelines (%d usable) -> %s", metrics["count"], metrics["usable"], OUT)
+    stage.log.info("%d guidelines (%d usable) -> %s", metrics["count"], metrics["usable"], OUT)
     return metrics
 
 

@@ -22,21 +22,19 @@ Other scorer: python stages/ifd_select.py after setting ifd_select.model (e.g. m
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from meteor.ifd import PASSES, context_length, score_rows
+from meteor.ifd import PASSES, score_rows
 from meteor.io import atomic_path, read_jsonl, write_json, write_jsonl
-from meteor.params import load_params
-from meteor.selection import (POOL_SKIP_REASONS, SOURCES, SelectionRules, build_pool,
-                              plot_histogram, select, selection_metrics)
-from meteor.student.load import load_student
-from meteor.utils import seed_everything, setup_logging
+from meteor.runtime import Stage
+from meteor.selection import (POOL_SKIP_REASONS, SOURCES, IfdSelectParams, SelectionRules,
+                              build_pool, plot_histogram, select, selection_metrics)
+from meteor.student.config import StudentParams
+from meteor.student.load import context_length, default_device, load_student
 
 DISTILLED = Path("data/distilled.jsonl")
 REFINED = Path("data/refined.jsonl")
@@ -45,7 +43,6 @@ OUT_DIR = Path("data/selected")
 SCORES = Path("data/ifd_scores.jsonl")
 METRICS = Path("metrics/ifd.json")
 HISTOGRAM = Path("metrics/ifd_hist.png")
-log = logging.getLogger("ifd_select")
 
 
 def _json_row(row: dict) -> dict:
@@ -54,22 +51,20 @@ def _json_row(row: dict) -> dict:
 
 
 def main() -> None:
-    setup_logging()
-    start = time.perf_counter()
-    params = load_params()
-    p = params.ifd_select
-    seed_everything(0)  # nothing is sampled; this also selects deterministic kernels
+    stage = Stage("ifd_select", ifd_select=IfdSelectParams, student=StudentParams)
+    p, student = stage.params.ifd_select, stage.params.student
+    stage.seed(0)  # nothing is sampled; this also selects deterministic kernels
 
     distilled, refined, train = read_jsonl(DISTILLED), read_jsonl(REFINED), read_jsonl(TRAIN)
     pool, skipped = build_pool(distilled, refined, train)
-    log.info("pool: %d rows (%s)", len(pool),
+    stage.log.info("pool: %d rows (%s)", len(pool),
              {s: sum(r["source"] == s for r in pool) for s in SOURCES})
 
-    model, tokenizer = load_student(p.model, dtype=params.student.dtype,
-                                    trust_remote_code=params.student.trust_remote_code)
+    model, tokenizer = load_student(p.model, dtype=student.dtype,
+                                    trust_remote_code=student.trust_remote_code)
     if hasattr(model, "merge_and_unload"):  # scoring only: fold the adapter in for faster passes
         model = model.merge_and_unload()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     model.to(device)
     max_seq_len = p.max_seq_len or context_length(model, tokenizer)
     if max_seq_len is None:
@@ -109,17 +104,17 @@ def main() -> None:
         "max_seq_len": max_seq_len,
         "answers_truncated": sum(r["answer_tokens"] < r["answer_tokens_total"] for r in rows),
         "questions_truncated": sum(r["question_tokens"] < r["question_tokens_total"] for r in rows),
-        "device": device,
+        "device": device.type,
         "passes": passes,  # sequences requested / run once each, tokens fed to the scorer
         "scoring_seconds": round(scoring_seconds, 1),
         "rows_per_second": round(len(rows) / scoring_seconds, 1) if scoring_seconds else None,
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": stage.seconds(),
     }
     write_json(METRICS, metrics)
     empty = [c for c in chunks if not any(selection.chunk[i] == c for i in selection.kept_indices)]
     if empty:
-        log.warning("chunks with no row kept: %s", empty)
-    log.info("kept %d of %d rows (%s) in %d chunks -> %s; scoring %.1fs",
+        stage.log.warning("chunks with no row kept: %s", empty)
+    stage.log.info("kept %d of %d rows (%s) in %d chunks -> %s; scoring %.1fs",
              len(selection.kept_indices), len(rows), metrics["kept_by_source"], len(chunks),
              OUT_DIR, scoring_seconds)
 

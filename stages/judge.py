@@ -23,25 +23,22 @@ API key:    OPENAI_API_KEY from the environment only (backend openai); never wri
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import time
 from pathlib import Path
 
+from meteor.evaluation.config import EvaluateParams
 from meteor.evaluation.judge import judge_model
 from meteor.evaluation.questions import answers_for, usable_questions
 from meteor.io import read_jsonl, write_json, write_jsonl
-from meteor.params import load_params
+from meteor.runtime import Stage
 from meteor.teacher import make_teacher
 from meteor.teacher.chat import BUDGET
-from meteor.utils import setup_logging
+from meteor.teacher.config import TeacherParams
 
 TEST = Path("data/scraped/test.jsonl")
 ANSWERS = Path("eval/answers")
 OUT = Path("eval/judge")
 METRICS = Path("metrics/judge")
-EXIT_INCOMPLETE = 3
-log = logging.getLogger("judge")
 
 
 def _calls(rows: list[dict]) -> list[dict]:
@@ -52,10 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a name listed in evaluate.models")
     args = parser.parse_args(argv)
-    setup_logging()
-    start = time.perf_counter()
-    params = load_params()
-    ev = params.evaluate
+    stage = Stage("judge", evaluate=EvaluateParams, judge=TeacherParams)
+    ev = stage.params.evaluate
     if args.model not in ev.models:
         parser.error(f"{args.model!r} is not in evaluate.models {ev.models}")
 
@@ -66,13 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.model != ev.baseline:
         baseline_answers = answers_for(questions, read_jsonl(ANSWERS / f"{ev.baseline}.jsonl"),
                                        ev.baseline)
-    judge = make_teacher(params.judge, section="judge")
+    judge = make_teacher(stage.params.judge, section="judge")
     try:
         rows = judge_model(judge, args.model, questions, answers, ev.criteria,
                            baseline=ev.baseline, baseline_answers=baseline_answers)
     finally:
         judge.close()
-    write_jsonl(OUT / f"{args.model}.jsonl", rows)
+    out = OUT / f"{args.model}.jsonl"
+    write_jsonl(out, rows)
 
     scores = [r for r in rows if r["kind"] == "score"]
     pairs = [r for r in rows if r["kind"] == "pair"]
@@ -86,21 +82,18 @@ def main(argv: list[str] | None = None) -> int:
         "scored": len(scores),
         "pairs": len(pairs),
         "budget_stopped": budget_stopped,
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": stage.seconds(),
     }
     write_json(METRICS / f"{args.model}.json", metrics)
-    log.info("%s: %d answers scored (%d failed), %d pairs vs %s (%d failed); %d judge calls, "
-             "%d cache hits -> %s", args.model, len(scores), metrics["scores_failed"], len(pairs),
-             ev.baseline, metrics["pairs_failed"], judge.stats.calls, judge.stats.cache_hits,
-             OUT / f"{args.model}.jsonl")
+    stage.log.info("%s: %d answers scored (%d failed), %d pairs vs %s (%d failed); %d judge "
+                   "calls, %d cache hits -> %s", args.model, len(scores),
+                   metrics["scores_failed"], len(pairs), ev.baseline, metrics["pairs_failed"],
+                   judge.stats.calls, judge.stats.cache_hits, out)
     if budget_stopped:
-        log.error("stopped by the judge budget: raise judge.budget_usd and re-run; finished calls "
-                  "come from the cache")
-        return EXIT_INCOMPLETE
+        stage.incomplete("stopped by the judge budget (judge.budget_usd)")
     if not any(r["ok"] for r in rows):
-        log.error("no judgment validated; see the 'error' fields of %s", OUT / f"{args.model}.jsonl")
-        return EXIT_INCOMPLETE
-    return 0
+        stage.incomplete("no judgment validated")
+    return stage.finish(see=f"the 'error' fields of {out}")
 
 
 if __name__ == "__main__":

@@ -23,18 +23,18 @@ Run alone:  python stages/merge.py        (or: dvc repro merge)
 
 from __future__ import annotations
 
-import logging
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 from meteor.io import write_json, write_jsonl
 from meteor.merging.report import plot_trace
-from meteor.merging.run import reload_and_compare, run_merge
-from meteor.params import load_params
-from meteor.utils import seed_everything, setup_logging
+from meteor.merging.run import MergeParams, reload_and_compare, run_merge
+from meteor.runtime import Stage
+from meteor.student.config import StudentParams
+from meteor.student.generate import GenerationParams
+from meteor.teacher.config import TeacherParams
 
 BASE_DIR = Path("models/base")
 SELF_TRAIN_DIR = Path("models/self_train")
@@ -47,14 +47,13 @@ TRACE = Path("metrics/merge_trace.png")
 # Logits of the saved adapter vs the in-memory merge, relative to the largest |logit|: rounding
 # only, which grows with the logits' scale and the depth (a wrong merge rule is off by ~0.1-1).
 RELATIVE_TOLERANCE = {"float32": 1e-5, "auto": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}
-log = logging.getLogger("merge")
 
 
 def main() -> int:
-    setup_logging()
-    start = time.perf_counter()
-    params = load_params()
-    seed_everything(params.merge.train.seed)
+    stage = Stage("merge", merge=MergeParams, student=StudentParams, judge=TeacherParams,
+                  generation=GenerationParams)
+    params = stage.params
+    stage.seed(params.merge.train.seed)
 
     run = run_merge(params, base_dir=BASE_DIR, self_train_dir=SELF_TRAIN_DIR,
                     selected_dir=SELECTED_DIR, dev_path=DEV)
@@ -85,16 +84,16 @@ def main() -> int:
         "exactness": {"max_abs_logit_diff": max_diff, "max_abs_logit": logit_scale,
                       "relative_tolerance": RELATIVE_TOLERANCE[params.student.dtype],
                       "tolerance": tolerance},
-        "seconds": {**run.seconds, "total": round(time.perf_counter() - start, 1)},
+        "seconds": {**run.seconds, "total": stage.seconds()},
     }
     write_json(METRICS, metrics)
-    log.info("auto merge %s: dev %s %.4f (no delta %.4f) after %d trials (%d from the store); "
+    stage.log.info("auto merge %s: dev %s %.4f (no delta %.4f) after %d trials (%d from the store); "
              "saved adapter matches the in-memory merge to %.2g -> %s", run.chosen,
              run.objective_info["name"], run.chosen_objective,
              run.table["no_delta"]["objective"], len(records), run.search.trials_from_store,
              max_diff, OUT_DIR)
     if not max_diff <= tolerance:
-        log.error("the saved merge differs from the in-memory merge by %.3g (> %.2g: %.1g of "
+        stage.log.error("the saved merge differs from the in-memory merge by %.3g (> %.2g: %.1g of "
                   "the largest |logit| %.3g)", max_diff, tolerance,
                   RELATIVE_TOLERANCE[params.student.dtype], logit_scale)
         return 1

@@ -32,21 +32,22 @@ API key:    OPENAI_API_KEY from the environment only (backend openai); never wri
 
 from __future__ import annotations
 
-import logging
 import sys
-import time
 from pathlib import Path
 
 from dvclive import Live
 
 from meteor.io import atomic_path, read_jsonl, write_json, write_jsonl
+from meteor.refine import (NO_ANSWER, NOT_OK, SKIP_REASONS, TEACHER_ERROR, RefineParams, refine,
+                           refine_inputs)
 from meteor.rows import balanced_head
-from meteor.params import load_params
-from meteor.refine import NOT_OK, NO_ANSWER, SKIP_REASONS, TEACHER_ERROR, refine, refine_inputs
+from meteor.runtime import Stage
+from meteor.student.config import StudentParams
+from meteor.student.generate import GenerationParams
 from meteor.student.load import load_student
 from meteor.teacher import make_teacher
-from meteor.training import make_trainable, save_trained
-from meteor.utils import reproducibility_info, seed_everything, setup_logging
+from meteor.teacher.config import TeacherParams
+from meteor.training.lora import make_trainable, save_trained
 
 SFT_DIR = Path("models/sft")
 DISTILLED = Path("data/distilled.jsonl")
@@ -55,37 +56,39 @@ OUT = Path("data/refined.jsonl")
 OUT_DIR = Path("models/refine")
 METRICS = Path("metrics/refine.json")
 LOG_DIR = Path("dvclive/refine")
-EXIT_INCOMPLETE = 3
-log = logging.getLogger("refine")
 
 
 def main() -> int:
-    setup_logging()
-    start = time.perf_counter()
-    params = load_params()
-    refine_params = params.refine
-    seed_everything(refine_params.train.seed)
+    stage = Stage("refine", refine=RefineParams, generation=GenerationParams,
+                  teacher=TeacherParams, student=StudentParams)
+    refine_params, student = stage.params.refine, stage.params.student
+    stage.seed(refine_params.train.seed)
 
     distilled = read_jsonl(DISTILLED)
     inputs, skipped = refine_inputs(distilled, read_jsonl(TRAIN), limit=refine_params.limit)
-    model, tokenizer = load_student(SFT_DIR, dtype=params.student.dtype,
-                                    trust_remote_code=params.student.trust_remote_code,
+    model, tokenizer = load_student(SFT_DIR, dtype=student.dtype,
+                                    trust_remote_code=student.trust_remote_code,
                                     adapter_trainable=True)
     # refine continues the sft adapter: refine.train.lora must describe it (checked, named).
     model = make_trainable(model, refine_params.train.lora, seed=refine_params.train.seed,
                            key="refine.train.lora")
-    teacher = make_teacher(params.teacher, stage="refine")
+    teacher = make_teacher(stage.params.teacher, stage="refine")
     # No git side effects: the DVC stage, not DVCLive, records the experiment.
-    live = Live(dir=str(LOG_DIR), save_dvc_exp=False, dvcyaml=None)
+    live = Live(dir=str(LOG_DIR), save_dvc_exp=False, dvcyaml=None) if stage.is_main else None
     try:
-        run = refine(model, tokenizer, teacher, inputs, refine_params, params.generation, live=live)
-        problems = incomplete(run.metrics(refine_params.max_iterations),
-                              refine_params.max_failed_fraction)
-        if not problems:  # a cumulative budget starts afresh for the next run
+        run = refine(model, tokenizer, teacher, inputs, refine_params, stage.params.generation,
+                     live=live)
+        for problem in incomplete(run.metrics(refine_params.max_iterations),
+                                  refine_params.max_failed_fraction):
+            stage.incomplete(problem)
+        if stage.complete:  # a cumulative budget starts afresh for the next run
             teacher.stage_completed()
     finally:
-        live.end()
+        if live is not None:
+            live.end()
         teacher.close()
+    if not stage.is_main:  # under accelerate launch only one process writes
+        return stage.finish()
     # dvc.yaml declares the curve as an output; it must exist even when no update happened.
     (LOG_DIR / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
 
@@ -103,24 +106,19 @@ def main() -> int:
         "keep_failed": refine_params.keep_failed,
         "failed_fraction": failed_fraction(run.metrics(refine_params.max_iterations)),
         "max_failed_fraction": refine_params.max_failed_fraction,
-        "complete": not problems,
-        "seconds": round(time.perf_counter() - start, 1),
-        "reproducibility": reproducibility_info(),
+        "complete": stage.complete,
+        "seconds": stage.seconds(),
+        "reproducibility": stage.reproducibility(),
     }
     write_json(METRICS, metrics)
-    log.info("%d questions: pass rate by iteration %s, %d updates (%d optimiser steps, %d rows "
-             "trained), %d teacher calls, %d cache hits -> %s, %s", metrics["questions"],
-             metrics["pass_rate_by_iteration"], metrics["updates"], metrics["optimizer_steps"],
-             metrics["examples_trained"], metrics["teacher"]["calls"],
-             metrics["teacher"]["cache_hits"], OUT, OUT_DIR)
+    stage.log.info("%d questions: pass rate by iteration %s, %d updates (%d optimiser steps, %d "
+                   "rows trained), %d teacher calls, %d cache hits -> %s, %s",
+                   metrics["questions"], metrics["pass_rate_by_iteration"], metrics["updates"],
+                   metrics["optimizer_steps"], metrics["examples_trained"],
+                   metrics["teacher"]["calls"], metrics["teacher"]["cache_hits"], OUT, OUT_DIR)
     if skipped[NOT_OK] or skipped[NO_ANSWER]:
-        log.info("skipped distilled rows: %s", dict(skipped))
-    if problems:
-        log.error("incomplete: %s. Outputs and metrics are written; re-run (after raising the "
-                  "budget or fixing the endpoint): finished calls come from the cache; see the "
-                  "'error' field of %s.", "; ".join(problems), OUT)
-        return EXIT_INCOMPLETE
-    return 0
+        stage.log.info("skipped distilled rows: %s", dict(skipped))
+    return stage.finish(see=f"the 'error' field of {OUT}")
 
 
 def failed_fraction(metrics: dict) -> float:

@@ -18,15 +18,14 @@ Run alone:  python stages/report.py       (or: dvc repro report)
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
 from meteor.evaluation.report import (eval_metrics, journey_points, plot_journey, render_report,
                                       summarize)
+from meteor.evaluation.config import EvaluateParams
 from meteor.io import atomic_path, read_jsonl, write_json, write_jsonl
-from meteor.params import load_params
-from meteor.utils import setup_logging
+from meteor.runtime import Stage
 
 ANSWERS = Path("eval/answers")
 JUDGE = Path("eval/judge")
@@ -36,12 +35,11 @@ JOURNEY = Path("eval/journey.json")
 WIN_SHARE = Path("eval/win_share.json")
 PLOT = Path("eval/journey.png")
 METRICS = Path("metrics/eval.json")
-log = logging.getLogger("report")
 
 
 def main() -> int:
-    setup_logging()
-    ev = load_params().evaluate
+    stage = Stage("report", evaluate=EvaluateParams)
+    ev = stage.params.evaluate
     answers = {m: read_jsonl(ANSWERS / f"{m}.jsonl") for m in ev.models}
     judgments = {m: read_jsonl(JUDGE / f"{m}.jsonl") for m in ev.models}
     results = summarize(ev.models, ev.baseline, answers, judgments, ev.criteria, ev.bootstrap)
@@ -65,12 +63,12 @@ def main() -> int:
     metrics = eval_metrics(results, ev.criteria)
     write_json(METRICS, metrics)
     for r in results:
-        log.info("%s: ppl %s, ROUGE-L %.3f, judge score %s%s", r.name,
+        stage.log.info("%s: ppl %s, ROUGE-L %.3f, judge score %s%s", r.name,
                  metrics[r.name].get("ppl"), metrics[r.name]["rouge_l"],
                  metrics[r.name].get("judge_score"),
                  f", win share vs {ev.baseline} {metrics[r.name]['win_share']['overall']:.3f}"
                  if "win_share" in metrics[r.name] else "")
-    log.info("-> %s, %s, %s, %s", REPORT, METRICS, JUDGMENTS, PLOT)
+    stage.log.info("-> %s, %s, %s, %s", REPORT, METRICS, JUDGMENTS, PLOT)
     return 0
 
 

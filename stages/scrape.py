@@ -12,22 +12,20 @@ Run alone: python stages/scrape.py
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from meteor.io import atomic_path, write_json, write_jsonl
-from meteor.params import load_params
+from meteor.runtime import Stage
 from meteor.scrape import run_scrape, scrape_metrics, split_records
-from meteor.utils import setup_logging
+from meteor.scrape.config import ScrapeParams
 
 OUT_DIR = Path("data/scraped")
 METRICS = Path("metrics/scrape.json")
-log = logging.getLogger("scrape")
 
 
 def main() -> None:
-    setup_logging()
-    params = load_params().scrape
+    stage = Stage("scrape", scrape=ScrapeParams)
+    params = stage.params.scrape
     result = run_scrape(params)
     splits = split_records(result.records, params)
     with atomic_path(OUT_DIR, is_dir=True) as tmp_dir:  # all three splits or none
@@ -35,8 +33,8 @@ def main() -> None:
             write_jsonl(tmp_dir / f"{name}.jsonl", rows)
     metrics = scrape_metrics(result, splits, list(params.categories))
     write_json(METRICS, metrics)
-    log.info("kept %s", metrics["kept_total"])
-    log.info("dropped %s", metrics["dropped"])
+    stage.log.info("kept %s", metrics["kept_total"])
+    stage.log.info("dropped %s", metrics["dropped"])
 
 
 if __name__ == "__main__":

@@ -35,24 +35,23 @@ API key:    OPENAI_API_KEY from the environment only (judge backend openai); nev
 
 from __future__ import annotations
 
-import logging
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
-from accelerate import PartialState
 from dvclive import Live
 
 from meteor.io import atomic_path, read_jsonl, write_json, write_jsonl
 from meteor.rows import balanced_head
-from meteor.params import load_params
-from meteor.self_train import NoUsablePairs, check_adapter_matches, self_train
+from meteor.runtime import Stage
+from meteor.self_train import NoUsablePairs, SelfTrainParams, self_train
+from meteor.student.config import StudentParams
+from meteor.student.generate import GenerationParams
 from meteor.student.load import load_student
 from meteor.teacher import make_teacher
 from meteor.teacher.chat import BUDGET
-from meteor.training import save_trained
-from meteor.utils import seed_everything, setup_logging
+from meteor.teacher.config import TeacherParams
+from meteor.training.lora import require_adapter, save_trained
 
 REFINE_DIR = Path("models/refine")
 TRAIN = Path("data/scraped/train.jsonl")
@@ -61,8 +60,7 @@ OUT_DIR = Path("models/self_train")
 METRICS = Path("metrics/self_train.json")
 COMPUTE = Path("metrics/self_train_compute.json")
 LOG_DIR = Path("dvclive/self_train")
-EXIT_NO_PAIRS, EXIT_INCOMPLETE = 2, 3
-log = logging.getLogger("self_train")
+EXIT_NO_PAIRS = 2
 
 
 def usable_questions(rows: list[dict], limit: int | None) -> tuple[list[dict], Counter]:
@@ -78,37 +76,39 @@ def usable_questions(rows: list[dict], limit: int | None) -> tuple[list[dict], C
 
 
 def main() -> int:
-    setup_logging()
-    start = time.perf_counter()
-    params = load_params()
-    st = params.self_train
-    seed_everything(st.train.seed)
+    stage = Stage("self_train", self_train=SelfTrainParams, generation=GenerationParams,
+                  judge=TeacherParams, student=StudentParams)
+    st, student = stage.params.self_train, stage.params.student
+    stage.seed(st.train.seed)
 
     rows = read_jsonl(TRAIN)
     questions, skipped = usable_questions(rows, st.limit)
-    model, tokenizer = load_student(REFINE_DIR, dtype=params.student.dtype,
-                                    trust_remote_code=params.student.trust_remote_code,
+    model, tokenizer = load_student(REFINE_DIR, dtype=student.dtype,
+                                    trust_remote_code=student.trust_remote_code,
                                     adapter_trainable=True)
-    check_adapter_matches(model, st.train.lora, "self_train.train.lora")
-    judge = (make_teacher(params.judge, section="judge", stage="self_train")
+    require_adapter(model, st.train.lora, "self_train.train.lora")  # self_train continues it
+    judge = (make_teacher(stage.params.judge, section="judge", stage="self_train")
              if st.judge_pairs else None)
     # No git side effects: the DVC stage, not DVCLive, records the experiment.
-    live = Live(dir=str(LOG_DIR), save_dvc_exp=False, dvcyaml=None)
-    failed, problems = None, []
+    live = Live(dir=str(LOG_DIR), save_dvc_exp=False, dvcyaml=None) if stage.is_main else None
+    failed = None
     try:
         try:
-            run = self_train(model, tokenizer, questions, st, params.generation, judge, live=live)
+            run = self_train(model, tokenizer, questions, st, stage.params.generation, judge,
+                             live=live)
         except NoUsablePairs as e:
             run, failed = e.run, e
-        problems = incomplete(run.rows, st.max_failed_fraction)
-        if judge is not None and failed is None and not problems:
+        for problem in incomplete(run.rows, st.max_failed_fraction):
+            stage.incomplete(problem)
+        if judge is not None and failed is None and stage.complete:
             judge.stage_completed()  # a cumulative judge budget starts afresh for the next run
     finally:
-        live.end()
+        if live is not None:
+            live.end()
         if judge is not None:
             judge.close()
-    if not PartialState().is_main_process:  # under accelerate launch only one process writes
-        return 0 if failed is None else EXIT_NO_PAIRS
+    if not stage.is_main:  # under accelerate launch only one process writes
+        return EXIT_NO_PAIRS if failed is not None else stage.finish()
     # dvc.yaml declares the curves as an output; they must exist even when nothing was trained.
     (LOG_DIR / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
 
@@ -128,22 +128,18 @@ def main() -> int:
                    "failed_fraction": judge_failed_fraction(run.rows),
                    "budget_stopped": budget_stopped(run.rows)} if judge is not None else None),
         "max_failed_fraction": st.max_failed_fraction,
-        "complete": failed is None and not problems,
-        "seconds": round(time.perf_counter() - start, 1),
+        "complete": failed is None and stage.complete,
+        "seconds": stage.seconds(),
     }
     write_json(METRICS, metrics)
     if failed is not None:
-        log.error("%s", failed)
+        stage.log.error("%s", failed)
         return EXIT_NO_PAIRS
     final = metrics["final"] or {}
-    log.info("%d turns on %d questions: reward accuracy %s, margin %s -> %s, %s", len(run.turns),
-             len(questions), final.get("reward_accuracy"), final.get("mean_margin"), OUT_DIR, OUT)
-    if problems:
-        log.error("incomplete: %s. Outputs and metrics are written; re-run (after raising the "
-                  "budget or fixing the endpoint): finished calls come from the cache; see the "
-                  "'judge' field of %s.", "; ".join(problems), OUT)
-        return EXIT_INCOMPLETE
-    return 0
+    stage.log.info("%d turns on %d questions: reward accuracy %s, margin %s -> %s, %s",
+                   len(run.turns), len(questions), final.get("reward_accuracy"),
+                   final.get("mean_margin"), OUT_DIR, OUT)
+    return stage.finish(see=f"the 'judge' field of {OUT}")
 
 
 def _judgments(rows: list[dict]) -> list[dict]:

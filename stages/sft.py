@@ -16,43 +16,38 @@ On GPUs:     accelerate launch --config_file configs/accelerate/ddp.yaml stages/
 
 from __future__ import annotations
 
-import logging
-import time
 from pathlib import Path
 
-from accelerate import PartialState
-
 from meteor.io import atomic_path, read_jsonl, write_json
-from meteor.params import load_params
+from meteor.runtime import Stage
+from meteor.student.config import StudentParams
 from meteor.student.load import load_student
-from meteor.training import answer_examples, make_trainable, save_trained, train
-from meteor.training.data import ROW_SKIP_REASONS
-from meteor.utils import reproducibility_info, seed_everything, setup_logging
+from meteor.training.config import SftParams
+from meteor.training.data import ROW_SKIP_REASONS, answer_examples
+from meteor.training.loop import train
+from meteor.training.lora import make_trainable, save_trained
 
 BASE_DIR = Path("models/base")
 DISTILLED = Path("data/distilled.jsonl")
 OUT_DIR = Path("models/sft")
 METRICS = Path("metrics/sft.json")
 LOG_DIR = Path("dvclive/sft")
-log = logging.getLogger("sft")
 
 
 def main() -> None:
-    setup_logging()
-    start = time.perf_counter()
-    params = load_params()
-    train_params = params.sft.train
-    seed_everything(train_params.seed)
+    stage = Stage("sft", sft=SftParams, student=StudentParams)
+    train_params, student = stage.params.sft.train, stage.params.student
+    stage.seed(train_params.seed)
 
     rows = read_jsonl(DISTILLED)
     examples, skipped = answer_examples(rows)
-    model, tokenizer = load_student(BASE_DIR, dtype=params.student.dtype,
-                                    trust_remote_code=params.student.trust_remote_code)
+    model, tokenizer = load_student(BASE_DIR, dtype=student.dtype,
+                                    trust_remote_code=student.trust_remote_code)
     model = make_trainable(model, train_params.lora, seed=train_params.seed)
     result = train(model, tokenizer, examples, train_params, log_dir=LOG_DIR, desc="sft")
-
-    if not PartialState().is_main_process:  # under accelerate launch only one process writes
+    if not stage.is_main:
         return
+
     with atomic_path(OUT_DIR, is_dir=True) as tmp_dir:
         save_trained(model, tokenizer, tmp_dir)
     metrics = {
@@ -60,13 +55,13 @@ def main() -> None:
         "rows_in": len(rows),
         "rows_skipped": {reason: skipped[reason] for reason in ROW_SKIP_REASONS},
         "lora": train_params.lora.enabled,
-        "seconds": round(time.perf_counter() - start, 1),
-        "reproducibility": reproducibility_info(),
+        "seconds": stage.seconds(),
+        "reproducibility": stage.reproducibility(),
     }
     write_json(METRICS, metrics)
-    log.info("final loss %.4f after %d steps on %d examples (%d rows skipped) -> %s",
-             result.final_loss, result.steps, metrics["examples_used"], sum(skipped.values()),
-             OUT_DIR)
+    stage.log.info("final loss %.4f after %d steps on %d examples (%d rows skipped) -> %s",
+                   result.final_loss, result.steps, metrics["examples_used"],
+                   sum(skipped.values()), OUT_DIR)
 
 
 if __name__ == "__main__":

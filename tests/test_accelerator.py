@@ -13,10 +13,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import meteor.student.load as load_mod
 import meteor.training.session as session_mod
-from meteor.params import LoraParams, TrainParams
+from meteor.training.config import LoraParams, TrainParams
 from meteor.refine import weight_fingerprint
 from meteor.student.load import default_device, load_student, prepare_tokenizer_for_generation
-from meteor.training import TrainSession, make_trainable, save_trained, train
+from meteor.training.loop import train
+from meteor.training.lora import make_trainable, save_trained
+from meteor.training.session import TrainSession
 
 EXAMPLES = [[{"role": "user", "content": f"Question {i} about the loss?"},
              {"role": "assistant", "content": f"Answer {i}: step against the gradient."}]
@@ -132,7 +134,7 @@ def test_a_session_refuses_another_model_or_grad_accum(student, tiny_model_dir):
 def test_refine_makes_one_accelerator_for_all_its_updates(student, count_accelerators):
     from test_refine import ScriptedTeacher, make_inputs, refine_params
 
-    from meteor.params import GenerationParams
+    from meteor.student.generate import GenerationParams
     from meteor.refine import refine
 
     model, tokenizer = student

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from meteor.params import BaseParams
+from meteor.student.pretrain import BaseParams
 from meteor.student.load import directory_hash, load_student, resolve_revision
 from meteor.student.pretrain import pack_blocks, pretrain, warmup_cosine
 from meteor.student.tiny import BOS, EOS, PAD
@@ -265,7 +265,8 @@ def test_load_student_never_downloads_unless_allowed(tmp_path, monkeypatch):
 @pytest.mark.parametrize("key, value", [("revision", "main"), ("trust_remote_code", True),
                                         ("allow_download", True)])
 def test_hub_only_student_options_are_refused_for_the_tiny_student(tmp_path, key, value):
-    from meteor.params import ParamsError, load_params
+    from meteor.all_params import load_params
+    from meteor.params import ParamsError
 
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump({"student": {"model": "tiny", key: value}}))

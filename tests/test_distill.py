@@ -10,10 +10,10 @@ import pytest
 import yaml
 from fake_openai_server import FakeOpenAIServer, Faults, default_responder
 
+from meteor.criteria import CRITERIA
 from meteor.distill import distill_inputs, distill_rows, guideline_ablation
-from meteor.params import TeacherParams
+from meteor.teacher.config import TeacherParams
 from meteor.teacher import make_teacher
-from meteor.teacher.base import CRITERIA
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,8 @@ lazily, and which one runs depends on params) and the ``__init__.py`` of every p
 (a) a module of the closure is not covered by a deps entry (the file, or a directory above it);
 (b) a deps entry under ``src/`` or ``stages/`` covers no module of the closure;
 (c) a directory entry covers a module outside the closure (list the files instead), or a module
-    on the allow-list below (or a package ``__init__.py`` holding only a docstring) is listed.
+    on the allow-list below (or a package ``__init__.py`` holding only a docstring) is listed;
+(d) the package's modules import each other in a cycle (an import inside a function counts).
 
 A changed dependency re-runs the stage, so (b) and (c) keep small edits from re-running stages
 they cannot affect. New stages are held to the same rules.
@@ -28,13 +29,9 @@ SRC = ROOT / "src"
 PACKAGE = "meteor"
 
 # Modules in every closure that are deliberately not deps, each with why its content cannot change
-# a stage's outputs. Listing one would re-run the whole DAG on an edit that changes nothing.
-ALLOWED_UNLISTED = {
-    # The params *schema*. The values a stage reads are tracked by its `params:` entries, and
-    # params.yaml spells out every field of every section (tests/test_params.py checks it), so a
-    # changed default in the schema cannot silently change any output.
-    "src/meteor/params.py": "schema only: values tracked by `params:`, all written in params.yaml",
-}
+# a stage's outputs. Empty: every module a stage imports holds something that can (the params
+# root holds the inheritance, each schema its validators and defaults), so each is a dep.
+ALLOWED_UNLISTED: dict[str, str] = {}
 
 
 def docstring_only(path: Path) -> bool:
@@ -84,8 +81,10 @@ def _package_of(path: Path) -> str | None:
     return ".".join(parts[:-1]) if parts[-1] != "__init__" else ".".join(parts[:-1])
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Every ``meteor`` module ``path`` imports, anywhere in the file (functions included)."""
+def imported_modules(path: Path, package_edges: bool = True) -> set[str]:
+    """Every ``meteor`` module ``path`` imports, anywhere in the file (functions included).
+    ``from pkg import submodule`` counts ``pkg`` too unless ``package_edges`` is false (it runs
+    ``pkg/__init__.py`` but takes nothing from it)."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
@@ -99,10 +98,12 @@ def imported_modules(path: Path) -> set[str]:
                 module = f"{base}.{node.module}" if node.module else base
             else:
                 module = node.module or ""
-            names.add(module)
             # `from meteor import prompts` imports the submodule meteor.prompts
-            names.update(f"{module}.{alias.name}" for alias in node.names
-                         if module_file(f"{module}.{alias.name}") is not None)
+            submodules = {f"{module}.{alias.name}" for alias in node.names
+                          if module_file(f"{module}.{alias.name}") is not None}
+            names.update(submodules)
+            if package_edges or len(submodules) < len(node.names):
+                names.add(module)
     return {n for n in names if n == PACKAGE or n.startswith(PACKAGE + ".")}
 
 
@@ -211,3 +212,50 @@ def test_a_stage_reading_an_inheriting_section_lists_its_parent(name):
                           for n in names)
         if reads_child:
             assert _reads(params, parent), f"stage {name} reads {child}: list {parent} in params"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_cycles() -> list[list[str]]:
+    """Cycles among the package's modules through their own import statements (a package's
+    ``__init__`` run on the way to a submodule is not an edge: it imports nothing back here)."""
+    graph = {}
+    for path in SRC.joinpath(PACKAGE).rglob("*.py"):
+        name = _module_name(path)
+        graph[name] = {m for m in imported_modules(path, package_edges=False)
+                       if m != name and module_file(m) is not None}
+    cycles, state = [], {}  # state: 1 on the DFS stack, 2 done
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    return cycles
+
+
+def test_no_import_cycles():
+    assert import_cycles() == []
+
+
+def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
+    # a control: two modules importing each other (one inside a function) form a cycle
+    pkg = tmp_path / PACKAGE
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text('"""marker"""\n')
+    (pkg / "a.py").write_text("from meteor.b import f\n")
+    (pkg / "b.py").write_text("def f():\n    from meteor import a\n")
+    monkeypatch.setitem(globals(), "SRC", tmp_path)
+    assert import_cycles() == [["meteor.a", "meteor.b", "meteor.a"]]

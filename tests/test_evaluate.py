@@ -16,6 +16,7 @@ import yaml
 from fake_openai_server import FakeOpenAIServer, make_questions
 from rouge_score import rouge_scorer
 
+from meteor.criteria import CRITERIA
 from meteor.evaluation.aggregate import (bootstrap_interval, mean_scores, objective_metrics,
                                          score_differences, win_shares)
 from meteor.evaluation.answers import answer_rows, reference_nll
@@ -23,12 +24,13 @@ from meteor.evaluation.judge import judge_model
 from meteor.evaluation.questions import answers_for, usable_questions
 from meteor.evaluation.report import (eval_metrics, journey_table, meteor_table, plot_journey,
                                       render_report, summarize)
-from meteor.params import JUDGE_CRITERIA, BootstrapParams, EvaluateParams, TeacherParams
+from meteor.evaluation.config import BootstrapParams, EvaluateParams
+from meteor.teacher.config import TeacherParams
 from meteor.prompts import student_answer_messages
 from meteor.student.generate import Generation, _generated_length, generate
 from meteor.student.load import load_student
-from meteor.teacher.base import (CRITERIA, Comparison, CriterionPreference, CriterionScore, Scores,
-                                 Teacher, TeacherResult, TeacherStats)
+from meteor.teacher.base import (Comparison, CriterionPreference, CriterionScore, Scores, Teacher,
+                                 TeacherResult, TeacherStats)
 from meteor.teacher.chat import ChatTeacher
 from meteor.teacher.openai_backend import OpenAIBackend
 from meteor.textmetrics import rouge_l
@@ -355,7 +357,7 @@ def test_a_limit_takes_usable_questions_in_turn_from_each_category():
 
 # -------------------------------------------------------------------------------------- params
 def test_evaluate_params_are_validated():
-    assert tuple(JUDGE_CRITERIA) == CRITERIA  # params cannot import the teacher; keep in step
+    assert tuple(EvaluateParams().criteria) == CRITERIA  # the judge's criteria by default
     assert EvaluateParams().models == ["base", "sft", "refine", "self_train", "merged"]
     with pytest.raises(ValueError, match="baseline"):
         EvaluateParams(models=["sft"], baseline="base")
@@ -438,8 +440,8 @@ def load_stage(name: str):
 def test_stage_scripts_on_tiny_params(tiny_model_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from meteor.params import LoraParams
-    from meteor.training import make_trainable, save_trained
+    from meteor.training.config import LoraParams
+    from meteor.training.lora import make_trainable, save_trained
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("METEOR_CACHE_DIR", str(tmp_path / "cache"))
@@ -499,8 +501,8 @@ def test_for_inference_merges_a_lora_adapter_into_the_same_function(tiny_model_d
     from transformers import AutoModelForCausalLM
 
     from meteor.evaluation.answers import for_inference
-    from meteor.params import LoraParams
-    from meteor.training import make_trainable
+    from meteor.training.config import LoraParams
+    from meteor.training.lora import make_trainable
 
     model = make_trainable(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                            LoraParams(r=2, alpha=4, dropout=0.0), seed=0)

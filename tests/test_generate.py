@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import TINY_TEXTS
 
-from meteor.params import GenerationParams
+from meteor.student.generate import GenerationParams
 from meteor.student.generate import encode_prompts, generate, generation_kwargs, left_pad
 from meteor.student.tiny import build_tiny_model, tiny_llama_config, train_tokenizer
 

@@ -19,7 +19,7 @@ from meteor.guideline import (
     guideline_messages,
     write_guidelines,
 )
-from meteor.params import GenerationParams
+from meteor.student.generate import GenerationParams
 from meteor.student.generate import encode_prompts
 from meteor.student.load import load_student
 

@@ -416,7 +416,8 @@ def test_stage_writes_chunks_scores_metrics_and_histogram(tiny_model_dir, tmp_pa
 
 
 def test_bad_params_name_the_key(tmp_path):
-    from meteor.params import ParamsError, load_params
+    from meteor.all_params import load_params
+    from meteor.params import ParamsError
 
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump({"ifd_select": {"fraction": 0, "score": "r_ifd"}}))

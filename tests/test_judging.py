@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from meteor.judging import TIE, X, Y, compare_both_orders, resolve
-from meteor.params import TeacherParams
+from meteor.teacher.config import TeacherParams
 from meteor.teacher.base import Comparison, CriterionPreference, TeacherResult
 from meteor.teacher.chat import check_preferences
 from meteor.teacher.offline import OfflineTeacher

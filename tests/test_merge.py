@@ -20,9 +20,12 @@ from peft.tuners.lora import LoraLayer
 from meteor.merging.chunks import load_chunks
 from meteor.merging.deltas import SELF_TRAIN, DeltaModel
 from meteor.merging.search import param_name, run_search, seed_points
-from meteor.params import LoraParams, MergeParams, TrainParams
+from meteor.merging.run import MergeParams
+from meteor.training.config import LoraParams, TrainParams
 from meteor.student.load import load_student
-from meteor.training import answer_examples, make_trainable, save_trained, train
+from meteor.training.data import answer_examples
+from meteor.training.loop import train
+from meteor.training.lora import make_trainable, save_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = LoraParams(r=4, alpha=8, dropout=0.0)
@@ -211,7 +214,7 @@ def test_answer_nll_is_the_training_loss_on_answer_tokens_whatever_the_batch(del
 
 def test_judge_objective_scores_greedy_dev_answers(delta_model):
     from meteor.merging.objective import JudgeScore
-    from meteor.params import TeacherParams
+    from meteor.teacher.config import TeacherParams
     from meteor.teacher import make_teacher
 
     dm, tok = delta_model

@@ -6,17 +6,14 @@ import pytest
 from rouge_score import rouge_scorer
 
 import meteor.teacher.offline as offline
-from meteor.params import TeacherParams
-from meteor.teacher import make_teacher
-from meteor.teacher.base import CRITERIA, Scores, Verdict
-from meteor.teacher.offline import (
-    MissingText,
-    OfflineTeacher,
-    guideline_points,
-    judge_scores,
-    key_terms,
-    shape_by_guideline,
-)
+from meteor.criteria import CRITERIA
+from meteor.teacher import make_teacher, rubric
+from meteor.teacher.base import Scores, Verdict
+from meteor.teacher.config import TeacherParams
+from meteor.teacher.offline import OfflineTeacher
+from meteor.teacher.rubric import MissingText, judge_scores
+from meteor.teacher.shaping import guideline_points, shape_by_guideline
+from meteor.textmeasures import key_terms
 from meteor.textmetrics import rouge_l
 
 TREE = {
@@ -176,7 +173,7 @@ def test_other_errors_are_bugs_and_are_not_hidden_as_failed_items(teacher, monke
 
 
 def test_rouge_l_is_the_rouge_score_package_shared_with_evaluate():
-    assert offline.rouge_l is rouge_l  # the offline teacher uses the shared function
+    assert rubric.rouge_l is rouge_l  # the offline teacher uses the shared function
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     pairs = [(TOKENIZER["answer"], TREE["answer"]), (TREE["answer"], TREE["answer"]),
              ("Use cross-validation and limit max_depth.", TREE["answer"]),
@@ -198,14 +195,14 @@ def test_rouge_l_is_the_rouge_score_package_shared_with_evaluate():
 def test_verdict_thresholds_on_the_bundled_corpus_accept_references_and_reject_junk():
     from pathlib import Path
 
-    from meteor.params import ScrapeParams
+    from meteor.scrape.config import ScrapeParams
     from meteor.scrape.dump import scrape_dump
 
     corpus = Path(__file__).resolve().parents[1] / "data/raw/Posts.xml"
     records = scrape_dump(corpus, categories=ScrapeParams().categories).records[::8]  # 33 of 263
     other = records[1:] + records[:1]  # another question's accepted answer: on topic, but wrong
-    accepted = [offline.judge_verdict(r, r["answer"]).correct for r in records]
-    wrong = [offline.judge_verdict(r, o["answer"]).correct for r, o in zip(records, other)]
-    echo = [offline.judge_verdict(r, r["title"] + "\n" + r["question"]).correct for r in records]
+    accepted = [rubric.judge_verdict(r, r["answer"]).correct for r in records]
+    wrong = [rubric.judge_verdict(r, o["answer"]).correct for r, o in zip(records, other)]
+    echo = [rubric.judge_verdict(r, r["title"] + "\n" + r["question"]).correct for r in records]
     assert all(accepted)
     assert sum(wrong) <= 0.05 * len(records) and not any(echo)

@@ -29,7 +29,8 @@ import yaml
 from pydantic import BaseModel
 
 from meteor.io import read_jsonl, write_jsonl
-from meteor.params import Params, ParamsError, load_params
+from meteor.all_params import Params, load_params
+from meteor.params import ParamsError
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from meteor.params import INHERITS, Params, ParamsError, load_params, resolve_inheritance
+from meteor.all_params import Params, load_params
+from meteor.params import INHERITS, ParamsError, resolve_inheritance
 
 
 def write(tmp_path, data) -> str:

@@ -21,7 +21,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import meteor.refine as refine_mod
 from meteor import refine_prompts as prompts
-from meteor.params import GenerationParams, RefineParams, TeacherParams
+from meteor.refine import RefineParams
+from meteor.student.generate import GenerationParams
+from meteor.teacher.config import TeacherParams
 from meteor.refine import (RefineInput, final_revision, refine, refine_inputs, training_example,
                            weight_fingerprint)
 from meteor.student.generate import encode_prompts
@@ -29,7 +31,7 @@ from meteor.student.load import prepare_tokenizer_for_generation
 from meteor.teacher.base import Teacher, TeacherResult, TeacherStats, Verdict
 from meteor.teacher.chat import ChatTeacher
 from meteor.teacher.openai_backend import OpenAIBackend
-from meteor.training import make_trainable, save_trained
+from meteor.training.lora import make_trainable, save_trained
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATION = GenerationParams(batch_size=8, max_new_tokens=4)

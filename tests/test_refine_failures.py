@@ -13,7 +13,7 @@ from fake_openai_server import FakeOpenAIServer, Faults
 from test_refine import LORA, make_question, refine_params, silence_blank_tokens, tokenizer  # noqa: F401
 from transformers import AutoModelForCausalLM
 
-from meteor.training import make_trainable, save_trained
+from meteor.training.lora import make_trainable, save_trained
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # two stage runs with a model: ~20 s

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from meteor.params import ScrapeParams
+from meteor.scrape.config import ScrapeParams
 from meteor.scrape import run_scrape, split_records
 from meteor.scrape.categories import CategoryTable, parse_tags
 from meteor.scrape import dump

@@ -19,17 +19,20 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 import meteor.self_train as self_train_mod
-from meteor.params import GenerationParams, LoraParams, SelfTrainParams, TeacherParams
+from meteor.criteria import CRITERIA
 from meteor.prompts import student_answer_messages
-from meteor.self_train import (NoUsablePairs, SelfTrainer, check_adapter_matches, difference,
+from meteor.self_train import (NoUsablePairs, SelfTrainer, SelfTrainParams, difference,
                                self_train)
-from meteor.student.generate import Generation, generate
+from meteor.student.generate import Generation, GenerationParams, generate
 from meteor.student.load import prepare_tokenizer_for_generation
 from meteor.student.tiny import build_tiny_model, tiny_llama_config, train_tokenizer
-from meteor.teacher.base import (CRITERIA, Comparison, CriterionPreference, Teacher,
-                                 TeacherResult, TeacherStats)
+from meteor.teacher.base import (Comparison, CriterionPreference, Teacher, TeacherResult,
+                                 TeacherStats)
+from meteor.teacher.config import TeacherParams
 from meteor.teacher.offline import OfflineTeacher
-from meteor.training import IGNORE_INDEX, make_trainable, save_trained
+from meteor.training.config import LoraParams
+from meteor.training.data import IGNORE_INDEX
+from meteor.training.lora import check_adapter_matches, make_trainable, save_trained
 from meteor.training.preference import (EncodedPair, PairCollator, PairLogps, PairwiseLoss,
                                         PairwiseObjective, ReferenceAdapter, answer_logps,
                                         encode_pair, evaluate_pairs, split_pairs, train_pairs)
@@ -439,7 +442,7 @@ def test_no_usable_pair_is_an_error_or_passes_the_model_through(tokenizer, monke
 def test_lora_params_must_describe_the_continued_adapter(tokenizer):
     model = tiny_student(tokenizer)
     check_adapter_matches(model, LoraParams(**LORA), "self_train.train.lora")
-    with pytest.raises(ValueError, match=r"self_train.train.lora.r is 8 but .* has 4"):
+    with pytest.raises(ValueError, match=r"self_train.train.lora.r=8 but .* has 4"):
         check_adapter_matches(model, LoraParams(**{**LORA, "r": 8}), "self_train.train.lora")
 
 
@@ -567,8 +570,8 @@ DDP_SCRIPT = textwrap.dedent("""
     import torch
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from meteor.params import TrainParams
-    from meteor.training import make_trainable
+    from meteor.training.config import TrainParams
+    from meteor.training.lora import make_trainable
     from meteor.training.preference import (PairwiseLoss, PairwiseObjective, ReferenceAdapter,
                                             encode_pair, train_pairs)
 

@@ -33,16 +33,19 @@ from test_teacher_serve import free_port, wait_healthy
 
 from meteor import prompts, refine_prompts
 from meteor.guideline import guideline_messages
-from meteor.params import GenerationParams, TeacherParams, TrainParams
+from meteor.student.generate import GenerationParams
+from meteor.teacher.config import TeacherParams
+from meteor.training.config import TrainParams
 from meteor.student import gguf
 from meteor.student.generate import encode_prompts, generate
 from meteor.student.load import load_student
 from meteor.teacher import make_teacher
 from meteor.teacher.base import Verdict
 from meteor.teacher.chat import parse_structured
-from meteor.training import (IGNORE_INDEX, PadCollator, encode_examples, make_trainable,
-                             question_answer_example, save_trained, train)
-from meteor.training.data import has_generation_tags
+from meteor.training.data import (IGNORE_INDEX, PadCollator, encode_examples,
+                                  has_generation_tags, question_answer_example)
+from meteor.training.loop import train
+from meteor.training.lora import make_trainable, save_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 END = "<|im_end|>"

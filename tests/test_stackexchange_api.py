@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from meteor.params import ApiParams
+from meteor.scrape.config import ApiParams
 from meteor.scrape.api import StackExchangeClient, StackExchangeError, scrape_api
 
 THROTTLE = (400, {"error_id": 502, "error_name": "throttle_violation",

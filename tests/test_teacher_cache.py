@@ -10,7 +10,7 @@ import pytest
 
 from meteor.teacher import prompts
 from meteor.teacher.base import Scores, Verdict
-from meteor.params import TeacherParams
+from meteor.teacher.config import TeacherParams
 from meteor.paths import ENV_VAR
 from meteor.teacher.cache import ResponseCache, cache_key, teacher_cache_dir
 from meteor.teacher.chat import (ChatBackend, ChatTeacher, Completion, check_criteria, extract_json,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fake_openai_server import make_questions
 
-from meteor.params import TeacherParams
+from meteor.teacher.config import TeacherParams
 from meteor.teacher import make_teacher
 
 

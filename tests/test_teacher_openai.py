@@ -18,7 +18,9 @@ import pytest
 import yaml
 from fake_openai_server import FakeOpenAIServer, Faults, default_responder, make_questions
 
-from meteor.params import ParamsError, TeacherParams, load_params
+from meteor.all_params import load_params
+from meteor.params import ParamsError
+from meteor.teacher.config import TeacherParams
 from meteor.teacher import make_teacher, prompts
 from meteor.teacher.base import Scores, Verdict
 from meteor.teacher.cache import ResponseCache
@@ -300,7 +302,7 @@ def test_cache_key_follows_model_prompt_and_sampling_params(serve, tmp_path, mon
 WORKER = """
 import sys
 from fake_openai_server import make_questions
-from meteor.params import TeacherParams
+from meteor.teacher.config import TeacherParams
 from meteor.teacher import make_teacher
 
 base_url, cache_dir, n = sys.argv[1], sys.argv[2], int(sys.argv[3])

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from fake_openai_server import make_questions
 
-from meteor.params import TeacherParams
+from meteor.teacher.config import TeacherParams
 from meteor.teacher import make_teacher
 
 pytestmark = pytest.mark.slow

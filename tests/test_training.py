@@ -16,11 +16,12 @@ from ddp_harness import run_single_and_ddp
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from meteor.params import TrainParams
-from meteor.training import (IGNORE_INDEX, LengthGroupedBatchSampler, PadCollator,
-                             RandomBatchSampler, answer_examples, encode_examples, make_trainable,
-                             question_answer_example, save_trained, train)
-from meteor.training.data import has_generation_tags
+from meteor.training.config import TrainParams
+from meteor.training.data import (IGNORE_INDEX, LengthGroupedBatchSampler, PadCollator,
+                                  RandomBatchSampler, answer_examples, encode_examples,
+                                  has_generation_tags, question_answer_example)
+from meteor.training.loop import train
+from meteor.training.lora import make_trainable, save_trained
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -382,8 +383,9 @@ DDP_SCRIPT = textwrap.dedent("""
     import json, sys
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from meteor.params import TrainParams
-    from meteor.training import make_trainable, train
+    from meteor.training.config import TrainParams
+    from meteor.training.loop import train
+    from meteor.training.lora import make_trainable
 
     model_dir, examples_file, grad_accum, out = sys.argv[1:]
     state = PartialState(cpu=True)  # gloo on CPU when launched by torchrun

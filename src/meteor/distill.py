@@ -25,9 +25,24 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from pydantic import Field
+
+from meteor.criteria import CRITERIA
+from meteor.params import Section
 from meteor.rows import balanced_head, join_to_questions
-from meteor.teacher.base import CRITERIA, Scores, Teacher, TeacherResult
+from meteor.teacher.base import Scores, Teacher, TeacherResult
 from meteor.teacher.chat import BUDGET
+
+
+class DistillParams(Section):
+    limit: int | None = Field(None, ge=1, description="Only N guidelines, taken in turn from each "
+                              "category (debugging).")
+    ablation_size: int = Field(20, ge=0, description="Questions distilled with and without "
+                               "guideline: the first ones whose guideline is not degenerate.")
+    max_failed_fraction: float = Field(
+        0.05, ge=0, le=1, description="Above this share of failed rows (or of ablation pairs that "
+                                      "could not be compared) the stage writes its outputs and "
+                                      "metrics, then exits non-zero; a re-run resumes from the cache.")
 
 log = logging.getLogger(__name__)
 

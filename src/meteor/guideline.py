@@ -29,8 +29,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from meteor.prompts import field_of, format_question
-from meteor.params import GenerationParams
-from meteor.student.generate import encode_prompts, generate, generation_kwargs
+from pydantic import Field
+
+from meteor.params import Section
+from meteor.student.generate import (GenerationParams, encode_prompts, generate,
+                                     generation_kwargs)
+from meteor.student.load import context_length
+
+
+class GuidelineParams(Section):
+    max_new_tokens: int = Field(96, ge=1)
+    limit: int | None = Field(None, ge=1, description="Only N train questions, taken in turn from "
+                              "each category (debugging, small profiles).")
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +150,6 @@ def fit_question(question: dict, tokenizer, max_prompt_tokens: int | None) -> tu
             return candidate, True
         ratio = (max_prompt_tokens - fixed) / max(n - fixed, 1)
         keep = min(keep - 1, int(keep * ratio * 0.95))
-
-
-def context_length(model) -> int | None:
-    """The model's context window, when its config states one."""
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
 # ------------------------------------------------------------------------------------- results

@@ -336,11 +336,3 @@ def score_rows(model, tokenizer, rows: Sequence[dict], *, max_seq_len: int, batc
                            progress=progress, stats=stats)
     n = len(PASSES)
     return [scores_from_losses(e, losses[i * n:(i + 1) * n]) for i, e in enumerate(encodings)]
-
-
-def context_length(model, tokenizer=None) -> int | None:
-    """The scorer's context window, from its config (else the tokenizer's, when it states one)."""
-    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if n is None and tokenizer is not None and getattr(tokenizer, "model_max_length", 0) < 10**9:
-        n = tokenizer.model_max_length
-    return n

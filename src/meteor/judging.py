@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from meteor.teacher.base import CRITERIA, Teacher, TeacherResult
+from meteor.criteria import CRITERIA
+from meteor.teacher.base import Teacher, TeacherResult
 
 X, Y, TIE = "x", "y", "tie"
 

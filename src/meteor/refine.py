@@ -37,6 +37,12 @@ that says no revision is needed. A student trained on chains writes chains, so w
 generated text is cut to its last revision (:func:`final_revision`) before it is judged, revised or
 stored as ``final_answer``; the whole text is kept in the attempt's ``chain`` field.
 
+**Options, not branches.** The target is a :class:`Target` (:class:`FinalTarget`,
+:class:`ChainTarget`: how a generated text is read, what a question is trained on), the feedback a
+:class:`Critic` (:class:`TeacherCritic`, :class:`SelfCritic`: who writes the feedback, which extra
+examples that teaches), both chosen once from the params (:data:`TARGETS`, :data:`CRITICS`);
+:class:`Refiner` only groups the questions, times the updates and calls the student and teacher.
+
 **keep_failed** (questions never judged correct): ``drop`` (no final answer, not trained on),
 ``last`` (the last attempt is kept as the final answer, marked failed, not trained on),
 ``reference`` (the teacher's distilled answer becomes the final answer and is trained on; the
@@ -65,19 +71,69 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, Protocol
 
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from meteor import refine_prompts as prompts
-from meteor.params import GenerationParams, RefineParams
+from meteor.params import Section
 from meteor.rows import balanced_head, join_to_questions
-from meteor.student.generate import encode_prompts, generate, generation_kwargs
+from meteor.student.generate import (GenerationParams, encode_prompts, generate,
+                                     generation_kwargs)
+from meteor.student.load import context_length
+from meteor.student.weights import weight_fingerprint
 from meteor.teacher.base import Teacher, TeacherResult, Verdict
 from meteor.teacher.chat import BUDGET
-from meteor.training import TrainSession, train
+from meteor.training.config import LoraParams, TrainParams
+from meteor.training.loop import train
+from meteor.training.session import TrainSession
+
+
+class RefineTrainParams(TrainParams):
+    """Each in-loop update: one pass over the rows since the last update. Its own class, so a
+    partial ``refine.train`` in params.yaml keeps these defaults rather than sft's."""
+
+    epochs: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    # No warmup: an update is a step or two on an already-trained adapter, and the first warmup
+    # step has learning rate 0, so a one-step update would change nothing.
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warmup steps / total steps.")
+    lora: LoraParams = Field(
+        default_factory=LoraParams,
+        description="Must describe the sft adapter, which refine keeps training (a value that "
+                    "differs is refused, naming the key); with a fully fine-tuned sft model, "
+                    "enabled: true trains a new adapter on it.")
+
+
+class RefineParams(Section):
+    max_iterations: int = Field(3, ge=1, description="Answer + at most N-1 revisions per question.")
+    fine_tune_interval: int = Field(
+        10, ge=1, description="Update the student every N training rows (accepted answers, plus "
+                              "teacher answers with keep_failed=reference).")
+    target: Literal["final", "chain"] = Field("final", description="METEOR final answer or SelFee chain.")
+    feedback: Literal["teacher", "self"] = Field(
+        "teacher", description="Who critiques a wrong answer: the teacher, or (SELF) the student "
+                               "itself, which then also learns to critique: each update trains "
+                               "it on the teacher's feedback for its critiqued answers. The "
+                               "teacher decides correctness either way.")
+    keep_failed: Literal["drop", "last", "reference"] = Field(
+        "reference", description="Rows never judged correct: drop, keep the last attempt (not "
+                                 "trained on), or train on the teacher's distilled answer. The "
+                                 "default keeps in-loop updates happening when the student rarely "
+                                 "passes (the tiny student against the offline teacher).")
+    limit: int | None = Field(None, ge=1, description="Only N questions, taken in turn from each "
+                              "category (debugging).")
+    max_new_tokens: int = Field(
+        128, ge=1, description="Per answer, revision or self-critique (generation's default; "
+                               "kept at it to pay for the 1024-token training examples).")
+    max_failed_fraction: float = Field(
+        0.05, ge=0, le=1, description="Above this share of questions that got no teacher verdict, "
+                                      "the stage writes its outputs and metrics, then exits "
+                                      "non-zero; a re-run resumes from the cache.")
+    train: RefineTrainParams = Field(default_factory=RefineTrainParams)
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +183,12 @@ def refine_inputs(distilled_rows: Sequence[dict], train_rows: Sequence[dict],
 
 
 # ------------------------------------------------------------------------------ per question
+# keep_failed -> what a question never judged correct becomes, and who wrote its final answer.
+FAILED_OUTCOMES = {"drop": (DROPPED, None), "last": (KEPT_LAST, "student"),
+                   "reference": (REFERENCE, "teacher")}
+TRAINED_OUTCOMES = (PASSED, REFERENCE)  # the outcomes whose final answer is trained on
+
+
 @dataclass
 class _Question:
     """One question in flight: its attempts so far and what became of it."""
@@ -148,6 +210,18 @@ class _Question:
     def question(self) -> dict:
         return self.input.question
 
+    def settle(self, keep_failed: str) -> None:
+        """Decide the outcome and the final answer once the attempts are over."""
+        if self.error is not None:
+            self.outcome = TEACHER_ERROR
+            return
+        if self.passed_at is not None:
+            self.outcome, self.source = PASSED, "student"
+        else:
+            self.outcome, self.source = FAILED_OUTCOMES[keep_failed]
+        written_by = {"student": self.attempts[-1]["answer"], "teacher": self.input.teacher_answer}
+        self.final_answer = written_by.get(self.source)
+
     def row(self) -> dict:
         q = self.question
         return {
@@ -165,6 +239,18 @@ def _attempt(iteration: int, answer: str, chain: str | None = None) -> dict:
             "judged_by": "teacher", "error": None, "feedback": None}
 
 
+def _verdict_feedback(attempt: dict) -> str:
+    """The teacher's feedback on an attempt, with its hints, as the student is shown it."""
+    verdict = attempt["verdict"]
+    return prompts.feedback_text(verdict["feedback"], verdict["hints"])
+
+
+def _answer_example(question: dict, answer: str) -> list[dict]:
+    """A chat example: the prompt the student answers under -> ``answer``."""
+    return [*prompts.student_answer_messages(question), {"role": "assistant", "content": answer}]
+
+
+# --------------------------------------------------------------- targets: what the student writes
 def _header_pattern(template: str) -> str:
     return re.escape(template).replace(re.escape("{n}"), r"\d+")
 
@@ -186,42 +272,125 @@ def final_revision(text: str) -> str:
     return text[start:end].strip()
 
 
-def _verdict_feedback(attempt: dict) -> str:
-    verdict = attempt["verdict"]
-    return prompts.feedback_text(verdict["feedback"], verdict["hints"])
+class Target(Protocol):
+    """What the student is trained to write (param ``target``), so how its texts are read."""
+
+    def read(self, text: str) -> tuple[str, str | None]:
+        """The answer in a generated text (judged, revised, stored), and the chain kept, if any."""
+        ...
+
+    def example(self, item: _Question) -> list[dict]:
+        """The chat example a passed (or reference) question is trained on."""
+        ...
 
 
-def critique_examples(item: _Question) -> list[list[dict]]:
-    """SELF's meta-skill data: for each answer the student critiqued, the self-critique prompt ->
-    the teacher's feedback on that answer (what the critique should have said)."""
-    examples = []
-    for attempt in item.attempts:
-        verdict = attempt["verdict"]
-        if (attempt["feedback"] is None or attempt["judged_by"] != "teacher" or verdict is None
-                or verdict["correct"] or not attempt["answer"].strip()):
-            continue  # only answers the student critiqued and the teacher judged wrong
-        target = _verdict_feedback(attempt)
-        if target.strip():
-            examples.append([*prompts.self_critique_messages(item.question, attempt["answer"]),
-                             {"role": "assistant", "content": target}])
-    return examples
+class FinalTarget:
+    """METEOR: the student writes, and is trained on, the final answer alone."""
+
+    def read(self, text: str) -> tuple[str, str | None]:
+        return text, None
+
+    def example(self, item: _Question) -> list[dict]:
+        return _answer_example(item.question, item.final_answer)
+
+
+class ChainTarget:
+    """SelFee: the student writes, and is trained on, answer -> feedback -> revision; what it
+    wrote is judged by its last revision."""
+
+    def read(self, text: str) -> tuple[str, str | None]:
+        return final_revision(text), text
+
+    def example(self, item: _Question) -> list[dict]:
+        answers = [a["answer"] for a in item.attempts]
+        if item.outcome == PASSED:
+            # The feedback that led to each revision; the accepted attempt's verdict closes it.
+            feedbacks = [a["feedback"] or _verdict_feedback(a) for a in item.attempts[:-1]]
+            chain = prompts.selfee_chain(answers, feedbacks,
+                                         item.attempts[-1]["verdict"]["feedback"])
+        else:  # REFERENCE: the student's attempts, then the teacher's answer as the last revision
+            feedbacks = [a["feedback"] or _verdict_feedback(a) for a in item.attempts]
+            chain = prompts.selfee_chain(answers + [item.final_answer], feedbacks, None)
+        return _answer_example(item.question, chain)
+
+
+TARGETS: dict[str, type[Target]] = {"final": FinalTarget, "chain": ChainTarget}
 
 
 def training_example(item: _Question, target: str) -> list[dict]:
-    """The chat example an accepted (or reference) question is trained on."""
-    messages = prompts.student_answer_messages(item.question)
-    if target == "final":
-        answer = item.final_answer
-    elif item.outcome == PASSED:
-        # The feedback that led to each revision; the accepted attempt's verdict closes the chain.
-        answers = [a["answer"] for a in item.attempts]
-        feedbacks = [a["feedback"] or _verdict_feedback(a) for a in item.attempts[:-1]]
-        answer = prompts.selfee_chain(answers, feedbacks, item.attempts[-1]["verdict"]["feedback"])
-    else:  # REFERENCE: the student's attempts, then the teacher's answer as the last revision
-        answers = [a["answer"] for a in item.attempts] + [item.final_answer]
-        feedbacks = [a["feedback"] or _verdict_feedback(a) for a in item.attempts]
-        answer = prompts.selfee_chain(answers, feedbacks, None)
-    return [*messages, {"role": "assistant", "content": answer}]
+    """The chat example a passed (or reference) question is trained on under ``target``
+    (a name in :data:`TARGETS`)."""
+    return TARGETS[target]().example(item)
+
+
+# ------------------------------------------------------------ critics: who writes the feedback
+# Asks the student: its reply to each conversation that fits the context, None for the others.
+AskStudent = Callable[[list[list[dict]]], list[str | None]]
+
+
+class Critic(Protocol):
+    """Who writes the feedback a wrong answer is revised with (param ``feedback``), and what
+    else a settled question teaches the student besides its answer."""
+
+    empty_feedback: int  # feedback that came back empty (a metric)
+
+    def feedback(self, wrong: list[_Question], ask_student: AskStudent) -> list[str | None]:
+        """The feedback on each question's last (wrong) answer; None ends its revisions."""
+        ...
+
+    def examples(self, item: _Question) -> list[list[dict]]:
+        """Training examples besides the answer, for a passed (or reference) question."""
+        ...
+
+
+class TeacherCritic:
+    """The teacher's feedback (with its hints) on the answer; nothing more to learn."""
+
+    empty_feedback = 0
+
+    def feedback(self, wrong: list[_Question], ask_student: AskStudent) -> list[str | None]:
+        return [_verdict_feedback(item.attempts[-1]) for item in wrong]
+
+    def examples(self, item: _Question) -> list[list[dict]]:
+        return []
+
+
+class SelfCritic:
+    """SELF: the student critiques its own answer (the teacher still judges it), and learns to
+    critique: each critiqued answer the teacher judged wrong adds the self-critique prompt ->
+    the teacher's feedback on that answer (what the critique should have said)."""
+
+    def __init__(self) -> None:
+        self.empty_feedback = 0
+
+    def feedback(self, wrong: list[_Question], ask_student: AskStudent) -> list[str | None]:
+        # An empty answer has nothing to critique: it gets the empty-answer feedback instead.
+        feedbacks: list[str | None] = [prompts.EMPTY_ANSWER_FEEDBACK] * len(wrong)
+        to_critique = [j for j, item in enumerate(wrong) if item.attempts[-1]["answer"].strip()]
+        critiques = ask_student([prompts.self_critique_messages(wrong[j].question,
+                                                                wrong[j].attempts[-1]["answer"])
+                                 for j in to_critique])
+        for j, critique in zip(to_critique, critiques):
+            feedbacks[j] = critique  # None: the critique prompt does not fit the context
+        self.empty_feedback += sum(c is not None and not c.strip() for c in critiques)
+        return feedbacks
+
+    def examples(self, item: _Question) -> list[list[dict]]:
+        examples = []
+        for attempt in item.attempts:
+            verdict = attempt["verdict"]
+            if (attempt["feedback"] is None or attempt["judged_by"] != "teacher"
+                    or verdict is None or verdict["correct"] or not attempt["answer"].strip()):
+                continue  # only answers the student critiqued and the teacher judged wrong
+            target = _verdict_feedback(attempt)
+            if target.strip():
+                examples.append([*prompts.self_critique_messages(item.question,
+                                                                 attempt["answer"]),
+                                 {"role": "assistant", "content": target}])
+        return examples
+
+
+CRITICS: dict[str, type[Critic]] = {"teacher": TeacherCritic, "self": SelfCritic}
 
 
 def _shorten(text: str, keep: float) -> str:
@@ -230,17 +399,6 @@ def _shorten(text: str, keep: float) -> str:
         return text
     cut = text[:int(len(text) * keep)].rsplit(" ", 1)[0] if keep > 0 else ""
     return cut.rstrip() + " [...]"
-
-
-def weight_fingerprint(model) -> list[tuple[float, float]]:
-    """(sum, norm) of every trainable tensor: cheap; any step with a learning rate changes it."""
-    return [(float(p.detach().double().sum()), float(p.detach().double().norm()))
-            for p in model.parameters() if p.requires_grad]
-
-
-def context_length(model) -> int | None:
-    """The model's context window, when its config states one."""
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -290,7 +448,12 @@ class RefineRun:
 
 
 class Refiner:
-    """Runs refinement over questions with one student (trained in place) and one teacher."""
+    """Refines questions with one student (trained in place) and one teacher.
+
+    The loop owns the grouping of questions, the timing of the updates and the calls to the
+    student and the teacher; what the student writes and is trained on is the :class:`Target`,
+    who writes the feedback is the :class:`Critic`, both chosen once from ``params``.
+    """
 
     def __init__(self, model, tokenizer, teacher: Teacher, params: RefineParams,
                  generation: GenerationParams, *, live=None):
@@ -298,6 +461,8 @@ class Refiner:
         self.tokenizer = tokenizer
         self.teacher = teacher
         self.params = params
+        self.target: Target = TARGETS[params.target]()
+        self.critic: Critic = CRITICS[params.feedback]()
         self.gen_kwargs = generation_kwargs(generation, max_new_tokens=params.max_new_tokens,
                                             progress=False)
         self.context = context_length(model)
@@ -306,7 +471,6 @@ class Refiner:
         self.session: TrainSession | None = None  # one Accelerator for all updates (made lazily)
         self.generations = 0
         self.empty_answers = 0
-        self.empty_self_feedback = 0
         self.revision_prompts_shortened = 0
 
     # --- the outer loop: groups, settling, updates
@@ -332,8 +496,10 @@ class Refiner:
                 group = [_Question(i) for i in usable[len(done):len(done) + size]]
                 self._refine_group(group)
                 for item in group:
-                    self._settle(item)
-                    if item.example is not None:
+                    item.settle(self.params.keep_failed)
+                    if item.outcome in TRAINED_OUTCOMES:
+                        item.example = self.target.example(item)
+                        item.critique_examples = self.critic.examples(item)
                         pending.append(item)
                 done.extend(group)
                 if len(pending) == interval:
@@ -354,7 +520,7 @@ class Refiner:
                          untrained_rows=len(pending), generations=self.generations,
                          empty_answers=self.empty_answers,
                          revision_prompts_shortened=self.revision_prompts_shortened,
-                         empty_self_feedback=self.empty_self_feedback)
+                         empty_self_feedback=self.critic.empty_feedback)
 
     def _skip_too_long(self, inputs: Sequence[RefineInput]) -> list[RefineInput]:
         lengths = self._prompt_lengths(
@@ -369,29 +535,41 @@ class Refiner:
                         self.params.max_new_tokens)
         return usable
 
+    # --- the student
     def _prompt_lengths(self, conversations: list[list[dict]]) -> list[int]:
         return [len(ids) for ids in encode_prompts(self.tokenizer, conversations)]
 
     def _fits_context(self, prompt_tokens: int) -> bool:
         return self.context is None or prompt_tokens + self.params.max_new_tokens <= self.context
 
-    # --- one group: answer, judge, give feedback, revise
     def _generate(self, conversations: list[list[dict]]) -> list[str]:
         self.generations += len(conversations)
         return generate(self.model, self.tokenizer, conversations, **self.gen_kwargs)
 
+    def _ask_student(self, conversations: list[list[dict]]) -> list[str | None]:
+        """The student's reply to each conversation whose prompt leaves room for
+        ``max_new_tokens`` in the context, in one batch; None for the others."""
+        replies: list[str | None] = [None] * len(conversations)
+        if not conversations:
+            return replies
+        lengths = self._prompt_lengths(conversations)
+        fitting = [j for j, n in enumerate(lengths) if self._fits_context(n)]
+        if fitting:
+            for j, reply in zip(fitting, self._generate([conversations[j] for j in fitting])):
+                replies[j] = reply
+        return replies
+
+    # --- one group: answer, judge, give feedback, revise
     def _refine_group(self, group: list[_Question]) -> None:
         for item in group:
             item.next_prompt = prompts.student_answer_messages(item.question)
         active = list(group)
         for iteration in range(1, self.params.max_iterations + 1):
-            texts = self._generate([item.next_prompt for item in active])
-            # A chain-trained student writes answer -> feedback -> revision: judge its last answer.
-            chains = texts if self.params.target == "chain" else [None] * len(texts)
-            answers = [final_revision(t) for t in texts] if self.params.target == "chain" else texts
-            results = self._verdicts(active, answers)
+            written = [self.target.read(text)
+                       for text in self._generate([item.next_prompt for item in active])]
+            results = self._verdicts(active, [answer for answer, _ in written])
             wrong = []
-            for item, answer, chain, result in zip(active, answers, chains, results):
+            for item, (answer, chain), result in zip(active, written, results):
                 attempt = _attempt(iteration, answer, chain)
                 item.attempts.append(attempt)
                 if result is None:  # empty: rejected without asking the teacher
@@ -427,14 +605,10 @@ class Refiner:
         return results
 
     def _prepare_revisions(self, wrong: list[_Question]) -> list[_Question]:
-        """Attach feedback to each wrong answer and build its revision prompt; return those whose
-        prompt fits the context (shortened if need be; the others stop revising)."""
-        if self.params.feedback == "teacher":
-            feedbacks: list[str | None] = [_verdict_feedback(item.attempts[-1]) for item in wrong]
-        else:
-            feedbacks = self._self_feedback(wrong)
+        """Attach the critic's feedback to each wrong answer and build its revision prompt; return
+        those whose prompt fits the context (shortened if need be; the others stop revising)."""
         revising = []
-        for item, feedback in zip(wrong, feedbacks):
+        for item, feedback in zip(wrong, self.critic.feedback(wrong, self._ask_student)):
             prompt = None if feedback is None else self._fit_revision(item, feedback)
             if prompt is None:
                 item.stopped_by_context = True
@@ -467,46 +641,6 @@ class Refiner:
                 return prompt
             keep *= 0.85
         return None
-
-    def _self_feedback(self, wrong: list[_Question]) -> list[str | None]:
-        """SELF: the student critiques its own answers (None where the prompt does not fit).
-
-        An empty answer has nothing to critique: it gets the empty-answer feedback instead.
-        """
-        feedbacks: list[str | None] = [prompts.EMPTY_ANSWER_FEEDBACK] * len(wrong)
-        to_critique = [j for j, item in enumerate(wrong) if item.attempts[-1]["answer"].strip()]
-        critique_prompts = [prompts.self_critique_messages(wrong[j].question,
-                                                           wrong[j].attempts[-1]["answer"])
-                            for j in to_critique]
-        lengths = self._prompt_lengths(critique_prompts) if critique_prompts else []
-        fitting = [(j, p) for j, p, n in zip(to_critique, critique_prompts, lengths)
-                   if self._fits_context(n)]
-        critiques = self._generate([p for _, p in fitting]) if fitting else []
-        for j in to_critique:
-            feedbacks[j] = None  # stays None unless the critique fitted the context
-        for (j, _), critique in zip(fitting, critiques):
-            feedbacks[j] = critique
-        self.empty_self_feedback += sum(not c.strip() for c in critiques)
-        return feedbacks
-
-    # --- after a question: its outcome and training row
-    def _settle(self, item: _Question) -> None:
-        last_answer = item.attempts[-1]["answer"]
-        if item.error is not None:
-            item.outcome = TEACHER_ERROR
-        elif item.passed_at is not None:
-            item.outcome, item.final_answer, item.source = PASSED, last_answer, "student"
-        elif self.params.keep_failed == "drop":
-            item.outcome = DROPPED
-        elif self.params.keep_failed == "last":
-            item.outcome, item.final_answer, item.source = KEPT_LAST, last_answer, "student"
-        else:
-            item.outcome, item.final_answer = REFERENCE, item.input.teacher_answer
-            item.source = "teacher"
-        if item.outcome in (PASSED, REFERENCE):
-            item.example = training_example(item, self.params.target)
-            if self.params.feedback == "self":
-                item.critique_examples = critique_examples(item)
 
     # --- the in-loop update
     def _update(self, rows: list[_Question]) -> None:

@@ -31,10 +31,44 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
+from pydantic import Field
+
+from meteor.params import Section
 from meteor.rows import join_to_questions
+
+
+class IfdSelectParams(Section):
+    """IFD / r-IFD data selection (Cherry LLM, Superfiltering, Selective Reflection-Tuning)."""
+
+    model: str = Field(
+        "models/self_train",
+        description="Scorer: a student dir (adapter or full model) or hub id. dvc.yaml tracks "
+        "models/self_train; point this elsewhere and change that dependency too.")
+    score: Literal["ifd_loss", "ifd_ppl"] = Field(
+        "ifd_loss", description="Which IFD drives selection (written as `ifd`): Cherry LLM's ratio "
+        "of mean losses or Superfiltering's ratio of perplexities.")
+    max_ifd: float = Field(1.0, gt=0, description="Drop rows with ifd >= this (1: the question "
+                           "does not help the student produce the answer).")
+    max_r_ifd: float | None = Field(
+        None, gt=0, description="Also drop rows with r_ifd >= this (Selective Reflection-Tuning: "
+        "1.0); null: r_ifd is computed and reported but does not select.")
+    min_answer_tokens: int = Field(8, ge=1, description="Drop answers with fewer tokens.")
+    fraction: float = Field(0.5, gt=0, le=1, description="Keep the ceil(fraction * n) highest-IFD "
+                            "rows of each chunk's n surviving rows.")
+    chunk_by: Literal["category", "source"] = Field(
+        "category", description="The chunks: one data/selected/<chunk>.jsonl each.")
+    per_question: Literal["best", "both"] = Field(
+        "best", description="When both versions of a question survive: keep the lower-IFD one "
+        "(best) or both.")
+    max_seq_len: int | None = Field(
+        None, ge=8, description="Truncate scored sequences to this many tokens; null: the "
+        "scorer's context length.")
+    batch_size: int = Field(8, ge=1, description="Sequences per forward pass (scores do not "
+                            "depend on it; on a CPU small batches are faster, on a GPU larger).")
 
 SOURCES = ("distilled", "refined")
 POOL_SKIP_REASONS = ("not_ok", "no_answer")

@@ -44,17 +44,81 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
 
 from meteor.judging import TIE, X, Y, PairJudgment, compare_both_orders
-from meteor.params import GenerationParams, LoraParams, SelfTrainParams
+from meteor.params import Section
 from meteor.prompts import student_answer_messages
-from meteor.student.generate import Generation, generate, generation_kwargs
-from meteor.teacher.base import CRITERIA, Teacher
+from meteor.student.generate import Generation, GenerationParams, generate, generation_kwargs
+from meteor.student.weights import weight_fingerprint
+from meteor.criteria import CRITERIA
+from meteor.teacher.base import Teacher
+from meteor.training.config import TrainParams
 from meteor.training.data import IGNORE_INDEX, has_generation_tags
 from meteor.training.preference import (EncodedPair, PairwiseLoss, PairwiseObjective,
                                         ReferenceAdapter, encode_pair, evaluate_pairs,
                                         train_pairs)
+
+
+class SelfTrainTrainParams(TrainParams):
+    """Each turn's training on that turn's pairs. Its own class, so a partial ``self_train.train``
+    keeps these defaults. ``batch_size`` counts pairs (two sequences each). ``lora`` must describe
+    the adapter self_train continues (refine's): it is checked against it, not applied."""
+
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(4, ge=1, description="Pairs per micro-batch (2 sequences each).")
+    lr: float = Field(5e-4, gt=0)
+    # No warmup: a turn is a few steps on an already-trained adapter (the first warmup step has
+    # learning rate 0).
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warmup steps / total steps.")
+
+
+class SelfTrainParams(Section):
+    """METEOR 3: greedy (low compute) vs beam search (high compute) answers as preference pairs."""
+
+    turns: int = Field(2, ge=1, description="Rounds of (regenerate pairs with the current model, "
+                                            "train on them); each turn's reference is its start.")
+    limit: int | None = Field(
+        48, ge=1, description="Only N train questions, taken in turn from each category, each "
+                              "turn (null = all); bounds the time: beam search costs about "
+                              "num_beams greedy decodings.")
+    num_beams: int = Field(4, ge=2, description="Beams of the high-compute answer (the paper: 10).")
+    max_new_tokens: int = Field(64, ge=1, description="Answer length cap of both decodings.")
+    pairing: Literal["compute", "judge"] = Field(
+        "compute", description="compute: chosen = beam, rejected = greedy (the paper); judge: the "
+                               "judge's position-swapped winner is chosen, ties are skipped.")
+    judge_pairs: bool = Field(
+        True, description="Judge every kept pair in both orders (params judge) and report how "
+                          "often the high-compute answer wins; required by pairing: judge.")
+    min_difference: float = Field(
+        0.1, ge=0, le=1, description="Skip pairs whose answers differ less: 1 - difflib "
+                                     "SequenceMatcher ratio over words (0 identical, 1 disjoint).")
+    loss: Literal["dpo", "simpo", "margin"] = Field(
+        "dpo", description="dpo (reference: the turn's starting adapter), simpo or METEOR's "
+                           "length-normalised NLL margin (both reference-free).")
+    beta: float = Field(0.1, gt=0, description="DPO beta (loss: dpo).")
+    simpo_beta: float = Field(2.0, gt=0, description="SimPO beta (loss: simpo).")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO target margin gamma (loss: simpo).")
+    margin: float = Field(0.0, ge=0, description="relu(NLL_chosen - NLL_rejected + margin) "
+                                                 "(loss: margin; 0 = METEOR's).")
+    sft_weight: float = Field(0.0, ge=0, description="Weight of an added NLL term on the chosen "
+                                                     "answer (against likelihood collapse).")
+    on_no_pairs: Literal["error", "pass_through"] = Field(
+        "error", description="A turn with no usable pair: fail (non-zero exit), or pass the "
+                             "turn's starting model through unchanged, record it and stop.")
+    max_failed_fraction: float = Field(
+        0.05, ge=0, le=1, description="Above this share of judged pairs that got no verdict, the "
+                                      "stage writes its outputs and metrics, then exits non-zero; "
+                                      "a re-run takes finished calls from the cache.")
+    train: SelfTrainTrainParams = Field(default_factory=SelfTrainTrainParams)
+
+    @model_validator(mode="after")
+    def _judge_pairing(self) -> SelfTrainParams:
+        if self.pairing == "judge" and not self.judge_pairs:
+            raise ValueError("self_train.pairing: judge needs self_train.judge_pairs: true")
+        return self
 
 log = logging.getLogger(__name__)
 
@@ -339,14 +403,14 @@ class SelfTrainer:
         objective = PairwiseObjective(self.loss, self.reference)
         before = evaluate_pairs(self.model, self.tokenizer, pairs, objective,
                                 batch_size=train_params.batch_size)
-        fingerprint = _fingerprint(self.model)
+        fingerprint = weight_fingerprint(self.model)
         result = train_pairs(self.model, self.tokenizer, pairs, train_params, objective,
                              live=self.live, desc=f"self_train turn {turn}")
         if not all(math.isfinite(x) for x in result.loss_history):
             raise FloatingPointError(f"self_train turn {turn}: non-finite pairwise loss "
                                      f"{result.loss_history}; lower self_train.train.lr or use "
                                      "student.dtype float32/bfloat16")
-        if result.steps < 1 or _fingerprint(self.model) == fingerprint:
+        if result.steps < 1 or weight_fingerprint(self.model) == fingerprint:
             raise RuntimeError(f"self_train turn {turn}: {result.steps} optimiser steps left the "
                                "adapter unchanged")
         after = evaluate_pairs(self.model, self.tokenizer, pairs, objective,
@@ -373,35 +437,6 @@ def _mean(values: list[float]) -> float | None:
 
 def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 4) if b else None
-
-
-def _fingerprint(model) -> list[tuple[float, float]]:
-    """(sum, norm) of every trainable tensor: cheap; any real optimiser step changes it."""
-    return [(float(p.detach().double().sum()), float(p.detach().double().norm()))
-            for p in model.parameters() if p.requires_grad]
-
-
-def check_adapter_matches(model, lora: LoraParams, key: str) -> None:
-    """self_train continues the loaded adapter; refuse ``lora`` params that describe another
-    one (they could not take effect), naming the key."""
-    from peft import PeftModel
-
-    if not isinstance(model, PeftModel):
-        raise ValueError(f"self_train trains a LoRA adapter, but the student has none; "
-                         f"{key}.enabled must describe the loaded model")
-    if not lora.enabled:
-        raise ValueError(f"{key}.enabled: false (full fine-tuning) is not supported: self_train "
-                         "continues the LoRA adapter of its input model")
-    config = model.peft_config[model.active_adapter]
-    loaded = {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
-              "target_modules": sorted(config.target_modules)}
-    wanted = {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout,
-              "target_modules": sorted(lora.target_modules)}
-    wrong = [k for k in loaded if loaded[k] != wanted[k]]
-    if wrong:
-        raise ValueError("; ".join(f"{key}.{k} is {wanted[k]!r} but the adapter being continued "
-                                   f"has {loaded[k]!r}" for k in wrong)
-                         + " (self_train continues it; set these to match)")
 
 
 def self_train(model, tokenizer, questions: Sequence[dict], params: SelfTrainParams,

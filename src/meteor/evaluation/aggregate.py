@@ -29,7 +29,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from meteor.params import CATEGORIES, BootstrapParams
+from meteor.categories import CATEGORIES
+from meteor.evaluation.config import BootstrapParams
 
 OUTCOME = {"model": 1.0, "tie": 0.5, "baseline": 0.0}
 OVERALL = "overall"

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from meteor.params import EvaluateParams
+from meteor.evaluation.config import EvaluateParams
 from meteor.prompts import student_answer_messages
 from meteor.student.generate import Generation, generate
 from meteor.textmetrics import rouge_l

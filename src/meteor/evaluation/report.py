@@ -15,7 +15,7 @@ import pandas as pd
 
 from meteor.evaluation.aggregate import (OVERALL, mean_scores, objective_metrics, score_differences,
                                         win_shares)
-from meteor.params import BootstrapParams
+from meteor.evaluation.config import BootstrapParams
 
 DASH = "—"
 

@@ -31,7 +31,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from meteor.io import atomic_path
-from meteor.params import LoraParams
+from meteor.training.config import LoraParams
 from meteor.training.lora import lora_config
 
 log = logging.getLogger(__name__)

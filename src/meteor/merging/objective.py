@@ -16,9 +16,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from meteor.criteria import CRITERIA
 from meteor.prompts import student_answer_messages
 from meteor.student.generate import generate
-from meteor.teacher.base import CRITERIA, Teacher
+from meteor.teacher.base import Teacher
 from meteor.training.data import IGNORE_INDEX, PadCollator, answer_examples, encode_examples
 
 log = logging.getLogger(__name__)

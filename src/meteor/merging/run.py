@@ -15,21 +15,67 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from peft import PeftModel
+from pydantic import Field, model_validator
 
 from meteor.io import read_jsonl
 from meteor.rows import balanced_head
-from meteor.params import Params
+from meteor.params import Section
 from meteor.paths import cache_root
-from meteor.student.load import directory_hash, load_student
-from meteor.training import answer_examples, train
+from meteor.student.load import default_device, directory_hash, load_student
+from meteor.training.data import answer_examples
+from meteor.training.loop import train
+from meteor.training.config import TrainParams
 from meteor.merging.chunks import load_chunks
 from meteor.merging.deltas import DeltaModel, delta_adapter_name
 from meteor.merging.objective import AnswerNLL, JudgeScore
 from meteor.merging.search import SearchResult, run_search, stable_hash
+
+
+class MergeTrainParams(TrainParams):
+    """Training of each delta (and of train@all) on top of the self-trained model. Its own
+    class, so a partial ``merge.train`` in params.yaml keeps these defaults rather than sft's."""
+
+    epochs: int = Field(1, ge=1)
+
+
+class MergeParams(Section):
+    """One LoRA delta per chunk of the selected data; weights by Bayesian optimisation."""
+
+    chunk_by: Literal["file", "category", "source"] = Field(
+        "file", description="Chunks: each data/selected/<chunk>.jsonl (ifd_select writes one per "
+                            "category), or all selected rows regrouped by their category or "
+                            "source field (distilled vs refined).")
+    train: MergeTrainParams = Field(default_factory=MergeTrainParams)
+    train_all: bool = Field(True, description="Also train the train@all baseline (one delta on "
+                                              "all selected rows), as AutoLLM's table reports.")
+    objective: Literal["nll", "judge"] = Field(
+        "nll", description="Dev objective: reference-answer NLL (teacher-forced, answer tokens "
+                           "only, deterministic; minimised) or the judge's mean score of greedy "
+                           "dev answers (params judge and generation; maximised).")
+    sampler: Literal["gp", "tpe"] = Field("gp", description="optuna GPSampler or TPESampler.")
+    trials: int = Field(16, ge=0, description="Sampler trials after the seeded points (zeros, "
+                                              "each one-hot, uniform 1/K, all-ones).")
+    w_max: float = Field(1.0, ge=1.0, description="Upper bound of every weight (>= 1: the "
+                                                  "all-ones seed must lie in the box).")
+    seed: int = Field(0, description="Sampler seed.")
+    recommend: Literal["best", "posterior_mean"] = Field(
+        "best", description="The merge saved: the best measured trial, or the argmax of the GP "
+                            "posterior mean (evaluated once as an extra trial; needs gp).")
+    dev_limit: int | None = Field(None, ge=1, description="Only N dev rows, taken in turn from "
+                                   "each category.")
+    eval_batch_size: int = Field(8, ge=1, description="Dev sequences per forward pass (nll).")
+
+    @model_validator(mode="after")
+    def _posterior_needs_gp(self) -> MergeParams:
+        if self.recommend == "posterior_mean" and self.sampler != "gp":
+            raise ValueError("recommend: posterior_mean needs sampler: gp")
+        return self
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +108,7 @@ def merge_cache_dir() -> Path:
     return cache_root() / "merge"
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def run_merge(params: Params, *, base_dir: str | Path, self_train_dir: str | Path,
+def run_merge(params: SimpleNamespace, *, base_dir: str | Path, self_train_dir: str | Path,
               selected_dir: str | Path, dev_path: str | Path,
               cache_dir: str | Path | None = None) -> MergeRun:
     mp = params.merge
@@ -79,7 +121,7 @@ def run_merge(params: Params, *, base_dir: str | Path, self_train_dir: str | Pat
 
     base, tokenizer = load_student(base_dir, dtype=params.student.dtype,
                                    trust_remote_code=params.student.trust_remote_code)
-    base.to(_device())
+    base.to(default_device())
     dm = DeltaModel.from_self_train(base, self_train_dir)
     hashes = {"base": directory_hash(base_dir), "self_train": directory_hash(self_train_dir)}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from meteor.params import ScrapeParams
+from meteor.scrape.config import ScrapeParams
 from meteor.scrape.records import ScrapeResult
 from meteor.scrape.split import SPLITS, assign_split
 

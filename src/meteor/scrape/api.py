@@ -21,7 +21,7 @@ from typing import Any
 
 import requests
 
-from meteor.params import ApiParams
+from meteor.scrape.config import ApiParams
 from meteor.scrape import records as R
 from meteor.scrape.categories import CategoryTable, parse_tags
 

@@ -17,7 +17,23 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from meteor.params import GenerationParams
+from pydantic import Field
+
+from meteor.params import Section
+
+
+class GenerationParams(Section):
+    """Student decoding defaults shared by guideline, refine, self_train and evaluate."""
+
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(128, ge=1)
+    do_sample: bool = Field(False, description="Greedy (False) or seeded sampling.")
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    repetition_penalty: float = Field(1.1, gt=0)
+    no_repeat_ngram_size: int = Field(
+        4, ge=0, description="Never repeat an n-gram of this size (0 = off); small students loop.")
+    seed: int = 0
 
 log = logging.getLogger(__name__)
 

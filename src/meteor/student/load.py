@@ -89,6 +89,16 @@ def _load_plain(name_or_path: str, revision: str | None, dtype: str, trust_remot
     return model, tokenizer
 
 
+def context_length(model, tokenizer=None) -> int | None:
+    """The model's context window in tokens: its config's ``max_position_embeddings``, else (given
+    ``tokenizer``) the tokenizer's ``model_max_length`` when that states a real limit (tokenizers
+    without one report a huge placeholder); None when neither says."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if n is None and tokenizer is not None and getattr(tokenizer, "model_max_length", 0) < 10**9:
+        n = tokenizer.model_max_length
+    return n
+
+
 def load_student(
     name_or_path: str | Path,
     *,

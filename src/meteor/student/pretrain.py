@@ -26,8 +26,37 @@ from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from meteor.kernels import adamw
-from meteor.params import BaseParams
+from meteor.params import Section
+from pydantic import Field, model_validator
 from meteor.student.tiny import build_tiny_model, tiny_llama_config, train_tokenizer
+
+
+class BaseParams(Section):
+    """Pre-training of the tiny student (ignored when student.model is not 'tiny')."""
+
+    vocab_size: int = Field(4096, ge=300, description="Byte-level BPE vocabulary size.")
+    hidden_size: int = Field(192, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(512, ge=8)
+    max_seq_len: int = Field(
+        1024, ge=16, description="Context length of the model: fits sft/refine examples whole "
+                                 "(question + answer + end-of-turn), so the student learns to stop.")
+    block_size: int = Field(512, ge=16, description="Tokens per pre-training sequence.")
+    steps: int = Field(300, ge=1, description="Optimiser steps (bounded: ~2 min on 2 CPU cores).")
+    batch_size: int = Field(4, ge=1, description="Blocks per step (300 x 4 x 512 = 614k tokens).")
+    lr: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _shapes(self) -> BaseParams:
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be divisible by num_heads")
+        if self.block_size > self.max_seq_len:
+            raise ValueError("block_size must be <= max_seq_len")
+        return self
 from meteor.utils import seed_everything
 
 log = logging.getLogger(__name__)

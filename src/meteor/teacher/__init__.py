@@ -9,7 +9,7 @@ be greater than or equal to 1``) are done earlier by :func:`meteor.params.load_p
 
 from __future__ import annotations
 
-from meteor.params import TeacherParams
+from meteor.teacher.config import TeacherParams
 from meteor.teacher.base import Teacher
 
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-CRITERIA = ("accuracy", "completeness", "relevance", "coherence", "reliability")
+from meteor.criteria import CRITERIA  # meteor.self_train still imports it from here
 
 
 class Verdict(BaseModel):

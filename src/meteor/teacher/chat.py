@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ValidationError
 from tqdm.auto import tqdm
 
+from meteor.criteria import CRITERIA
 from meteor.teacher import prompts
-from meteor.params import TeacherParams
-from meteor.teacher.base import (CRITERIA, Comparison, Scores, Teacher, TeacherResult, TeacherStats,
-                                 Verdict)
+from meteor.teacher.config import TeacherParams
+from meteor.teacher.base import Comparison, Scores, Teacher, TeacherResult, TeacherStats, Verdict
 from meteor.teacher.cache import ResponseCache, cache_key, teacher_cache_dir
 
 log = logging.getLogger(__name__)

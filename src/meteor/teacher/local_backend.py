@@ -13,7 +13,8 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from meteor.params import ParamsError, TeacherParams
+from meteor.params import ParamsError
+from meteor.teacher.config import TeacherParams
 from meteor.teacher.chat import BUDGET, CallFailure, ChatBackend, Completion, Outcome
 
 log = logging.getLogger(__name__)

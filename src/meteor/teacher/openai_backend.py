@@ -31,7 +31,8 @@ from urllib.parse import urlparse
 import openai
 from openai.types.chat import ChatCompletion
 
-from meteor.params import ParamsError, TeacherParams
+from meteor.params import ParamsError
+from meteor.teacher.config import TeacherParams
 from meteor.teacher.chat import BUDGET, CallFailure, ChatBackend, Completion, Outcome
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ prompt changes, so old cache entries and outputs are visibly superseded. ``forma
 
 from __future__ import annotations
 
+from meteor.criteria import CRITERIA
 from meteor.prompts import expert_system_message, field_of, format_question
-from meteor.teacher.base import CRITERIA
 
 __all__ = ["PROMPT_VERSION", "field_of", "format_question", "teacher_answer_messages",
            "verdict_messages", "score_messages", "compare_messages", "json_reask_message"]

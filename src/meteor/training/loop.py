@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +38,8 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from meteor.kernels import adamw
-from meteor.params import TrainParams
+from meteor.student.load import context_length
+from meteor.training.config import TrainParams
 from meteor.training.data import (IGNORE_INDEX, ChatExample, EncodedData, PadCollator,
                                   encode_examples, make_batch_sampler)
 from meteor.training.session import TrainSession
@@ -83,18 +83,6 @@ class TrainResult:
             "tokens_per_s": round(self.tokens_per_s, 1),
             **self.data,
         }
-
-
-def default_mixed_precision() -> str | None:
-    """bf16 (fp16 on GPUs without it) when a GPU is present, else fp32 ("no").
-
-    None defers to ``accelerate launch`` when its config chose a mode.
-    """
-    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
-        return None
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
 
 
 def _windows(batches: Iterable[dict], size: int) -> Iterator[list[dict]]:
@@ -162,18 +150,6 @@ def _optimizer(model, params: TrainParams) -> torch.optim.Optimizer:
     return adamw([g for g in groups if g["params"]], lr=params.lr)  # fused: same bits on any CPU
 
 
-def _configure_deepspeed(accelerator: Accelerator, params: TrainParams) -> None:
-    """Fill the DeepSpeed values accelerate cannot infer from a batch-sampler DataLoader."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None:
-        return
-    config = plugin.deepspeed_config
-    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-        config["train_micro_batch_size_per_gpu"] = params.batch_size
-    if config.get("gradient_clipping", "auto") == "auto":
-        config["gradient_clipping"] = params.max_grad_norm
-
-
 def train(
     model,
     tokenizer,
@@ -226,7 +202,7 @@ def run_training(
     and divided by its units in each accumulation window. See :func:`train` for the rest."""
     if not items:
         raise ValueError("no training items")
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    context = context_length(model)
     if context is not None and max(lengths) > context:
         raise ValueError(f"examples of up to {max(lengths)} tokens (max_seq_len="
                          f"{params.max_seq_len}) exceed the model's context of {context} tokens; "

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from meteor.params import LoraParams
+from meteor.training.config import LoraParams
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,15 @@ def check_adapter_matches(model: PeftModel, params: LoraParams, key: str) -> Non
     if wrong:
         raise ValueError("; ".join(wrong) + ". The loaded adapter keeps training as it was made: "
                          f"set {key} to its values (or change the stage that made it)")
+
+
+def require_adapter(model, params: LoraParams, key: str) -> None:
+    """For a stage that only continues an adapter (self_train): ``model`` must carry one, and
+    ``params`` must describe it (:func:`check_adapter_matches`)."""
+    if not isinstance(model, PeftModel):
+        raise ValueError(f"{key}: this stage continues a LoRA adapter, but the loaded student has "
+                         "none (full fine-tuning is not supported here)")
+    check_adapter_matches(model, params, key)
 
 
 def make_trainable(model, params: LoraParams, *, seed: int = 0, key: str = "lora"):

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from meteor.params import TrainParams
+from meteor.training.config import TrainParams
 from meteor.training.data import (IGNORE_INDEX, ChatExample, EncodedExample, PadCollator,
                                   encode_example, has_generation_tags)
 from meteor.training.loop import TrainResult, run_training

@@ -4,8 +4,9 @@ reused by every :func:`meteor.training.train` call of the stage.
 Refine updates the student every few rows; creating an Accelerator and preparing (placing,
 DDP-wrapping, autocasting) the model again for each update costs time on a GPU and re-wraps the
 model each time. A :class:`TrainSession` prepares the model once; each update only prepares its
-own optimizer and data loader, and drops them from the Accelerator when it ends, so the optimizer
-states of earlier updates are not kept alive.
+own optimizer and data loader, and has the Accelerator forget them when it ends
+(``Accelerator.free_memory``), so the optimizer states of earlier updates are not kept alive.
+The mixed-precision default and the DeepSpeed values the loop must fill in live here too.
 
 DeepSpeed is the exception: its engine owns the optimizer, so each update with a fresh optimizer
 builds a fresh engine (the previous one is destroyed first).
@@ -14,13 +15,40 @@ builds a fresh engine (the previous one is destroyed first).
 from __future__ import annotations
 
 import logging
+import os
+
+import torch
 
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from meteor.params import TrainParams
+from meteor.training.config import TrainParams
 
 log = logging.getLogger(__name__)
+
+
+def default_mixed_precision() -> str | None:
+    """bf16 (fp16 on GPUs without it) when a GPU is present, else fp32 ("no").
+
+    None defers to ``accelerate launch`` when its config chose a mode.
+    """
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return None
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def _configure_deepspeed(accelerator: Accelerator, params: TrainParams) -> None:
+    """Fill the DeepSpeed values accelerate cannot infer from a batch-sampler DataLoader."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = params.batch_size
+    if config.get("gradient_clipping", "auto") == "auto":
+        config["gradient_clipping"] = params.max_grad_norm
 
 
 class TrainSession:
@@ -33,13 +61,13 @@ class TrainSession:
     """
 
     def __init__(self, model, params: TrainParams):
-        # loop.py imports this module; its helpers are imported here to avoid an import cycle.
-        from meteor.training.loop import _configure_deepspeed, default_mixed_precision
-
         self.model = model
         self.grad_accum = params.grad_accum
         self.accelerator = Accelerator(gradient_accumulation_steps=params.grad_accum,
                                        mixed_precision=default_mixed_precision())
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            raise ValueError("FSDP is not supported by the training loop: use "
+                             "configs/accelerate/ddp.yaml or deepspeed_zero2.yaml")
         _configure_deepspeed(self.accelerator, params)
         self._prepared = None  # the prepared model (DDP wrapper, autocast forward), made once
         self.prepare_count = 0  # how often the model was prepared (1 unless DeepSpeed)
@@ -75,9 +103,10 @@ class TrainSession:
         prepared; without this, every update's optimizer state would stay in memory)."""
         if self.deepspeed:
             return  # the engine holds them until the next prepare or close()
-        accelerator = self.accelerator
-        accelerator._optimizers = [o for o in accelerator._optimizers if o is not optimizer]
-        accelerator._dataloaders = [d for d in accelerator._dataloaders if d is not loader]
+        # The Accelerator's public way to forget what it prepared forgets the model too; the
+        # prepared model stays usable (we hold it), and nothing of this loop needs the
+        # Accelerator's list of models (FSDP's clipping would, hence the check in __init__).
+        self.accelerator.free_memory()
 
     def close(self) -> None:
         """Drop every wrapper (DDP, DeepSpeed engine); the model passed in stays trained."""
