@@ -77,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_perplexity": round(t2 - t1, 1),
     })
     stage.log.info("%s answered %d test questions on %s (%d tokens, %.1f s generation, %.1f s "
-             "perplexity) -> %s", args.model, len(questions), device.type,
-             sum(g.tokens for g in generations), t1 - t0, t2 - t1, ANSWERS / f"{args.model}.jsonl")
+                   "perplexity) -> %s", args.model, len(questions), device.type,
+                   sum(g.tokens for g in generations), t1 - t0, t2 - t1,
+                   ANSWERS / f"{args.model}.jsonl")
     if sum(skipped.values()):
         stage.log.warning("skipped test rows: %s", dict(skipped))
     return 0

@@ -58,7 +58,7 @@ def main() -> None:
     distilled, refined, train = read_jsonl(DISTILLED), read_jsonl(REFINED), read_jsonl(TRAIN)
     pool, skipped = build_pool(distilled, refined, train)
     stage.log.info("pool: %d rows (%s)", len(pool),
-             {s: sum(r["source"] == s for r in pool) for s in SOURCES})
+                   {s: sum(r["source"] == s for r in pool) for s in SOURCES})
 
     model, tokenizer = load_student(p.model, dtype=student.dtype,
                                     trust_remote_code=student.trust_remote_code)
@@ -115,8 +115,8 @@ def main() -> None:
     if empty:
         stage.log.warning("chunks with no row kept: %s", empty)
     stage.log.info("kept %d of %d rows (%s) in %d chunks -> %s; scoring %.1fs",
-             len(selection.kept_indices), len(rows), metrics["kept_by_source"], len(chunks),
-             OUT_DIR, scoring_seconds)
+                   len(selection.kept_indices), len(rows), metrics["kept_by_source"], len(chunks),
+                   OUT_DIR, scoring_seconds)
 
 
 if __name__ == "__main__":

@@ -88,14 +88,14 @@ def main() -> int:
     }
     write_json(METRICS, metrics)
     stage.log.info("auto merge %s: dev %s %.4f (no delta %.4f) after %d trials (%d from the store); "
-             "saved adapter matches the in-memory merge to %.2g -> %s", run.chosen,
-             run.objective_info["name"], run.chosen_objective,
-             run.table["no_delta"]["objective"], len(records), run.search.trials_from_store,
-             max_diff, OUT_DIR)
+                   "saved adapter matches the in-memory merge to %.2g -> %s", run.chosen,
+                   run.objective_info["name"], run.chosen_objective,
+                   run.table["no_delta"]["objective"], len(records), run.search.trials_from_store,
+                   max_diff, OUT_DIR)
     if not max_diff <= tolerance:
         stage.log.error("the saved merge differs from the in-memory merge by %.3g (> %.2g: %.1g of "
-                  "the largest |logit| %.3g)", max_diff, tolerance,
-                  RELATIVE_TOLERANCE[params.student.dtype], logit_scale)
+                        "the largest |logit| %.3g)", max_diff, tolerance,
+                        RELATIVE_TOLERANCE[params.student.dtype], logit_scale)
         return 1
     return 0
 

@@ -64,10 +64,10 @@ def main() -> int:
     write_json(METRICS, metrics)
     for r in results:
         stage.log.info("%s: ppl %s, ROUGE-L %.3f, judge score %s%s", r.name,
-                 metrics[r.name].get("ppl"), metrics[r.name]["rouge_l"],
-                 metrics[r.name].get("judge_score"),
-                 f", win share vs {ev.baseline} {metrics[r.name]['win_share']['overall']:.3f}"
-                 if "win_share" in metrics[r.name] else "")
+                       metrics[r.name].get("ppl"), metrics[r.name]["rouge_l"],
+                       metrics[r.name].get("judge_score"),
+                       f", win share vs {ev.baseline} {metrics[r.name]['win_share']['overall']:.3f}"
+                       if "win_share" in metrics[r.name] else "")
     stage.log.info("-> %s, %s, %s, %s", REPORT, METRICS, JUDGMENTS, PLOT)
     return 0
 
